@@ -1,0 +1,344 @@
+"""The dataset store: labelled originals on the volume, content-addressed.
+
+Layout (under `<home>/dataset/`):
+    <label>/<sha256>.<ext>    the original bytes; one label per image
+    ledger.jsonl              one JSON line per event: added, relabelled, deleted
+    .tmp/                     writes in progress (renamed into place when complete)
+    .lock                     a file lock: one writer at a time across processes
+
+No client filename ever reaches a path: the name is the hash of the bytes, the extension comes
+from the decoder's verdict, and the label must match `LABEL_PATTERN`.
+
+The train/validation split is a pure function of the image's hash (`split_of`), so adding
+images never moves an old image across the split.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from filelock import FileLock
+
+from training.imageio import DEFAULT_MAX_PIXELS, ImageError, probe_image
+
+log = logging.getLogger(__name__)
+
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_VAL_FRACTION = 0.2
+Split = Literal["train", "val"]
+Status = Literal["added", "duplicate", "relabelled"]
+
+
+class InvalidLabel(ValueError):
+    code = "invalid_label"
+    status = 400
+
+
+class VolumeFull(OSError):
+    code = "insufficient_storage"
+    status = 507
+
+
+class DatasetTooSmall(ValueError):
+    """The dataset cannot be trained on yet; the message says what to add."""
+
+
+def check_label(label: str) -> str:
+    if not isinstance(label, str) or not LABEL_PATTERN.fullmatch(label):
+        raise InvalidLabel(
+            f"invalid label {label!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit (no spaces, slashes or path parts)"
+        )
+    return label
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_of(sha256: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> Split:
+    """Deterministic split by content hash: the first 8 hex digits as a fraction of 2**32."""
+    return "val" if int(sha256[:8], 16) / 2**32 < val_fraction else "train"
+
+
+@dataclass(frozen=True)
+class Item:
+    sha256: str
+    label: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    sha256: str
+    label: str
+    status: Status
+
+
+@dataclass
+class ImportReport:
+    added: int = 0
+    duplicate: int = 0
+    relabelled: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def count(self, status: Status) -> None:
+        setattr(self, status, getattr(self, status) + 1)
+
+    def summary(self) -> str:
+        s = (f"added {self.added}, duplicate {self.duplicate}, relabelled {self.relabelled}, "
+             f"skipped {len(self.skipped)}")
+        return s
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write temp + fsync + os.replace + fsync(dir). ENOSPC -> VolumeFull, temp removed."""
+    tmp_dir = tmp_dir or path.parent
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise VolumeFull(exc.errno, f"the data volume is full: {exc.strerror}") from None
+        raise
+
+
+class DatasetStore:
+    def __init__(self, home: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root = Path(home) / "dataset"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / ".tmp"
+        self.ledger_path = self.root / "ledger.jsonl"
+        self.max_pixels = max_pixels
+        self._lock = FileLock(str(self.root / ".lock"), timeout=60)
+
+    # -- reading -------------------------------------------------------------------------------
+    def labels(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and LABEL_PATTERN.fullmatch(p.name))
+
+    def items(self) -> list[Item]:
+        """Every stored image, sorted by (label, sha256)."""
+        out = []
+        for label in self.labels():
+            for p in sorted((self.root / label).iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    out.append(Item(p.stem, label, p))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(item.label for item in self.items())
+        return {label: c[label] for label in sorted(c)}
+
+    def find(self, sha256: str) -> Item | None:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            return None
+        for label in self.labels():
+            for p in (self.root / label).glob(f"{sha256}.*"):
+                return Item(sha256, label, p)
+        return None
+
+    def split(self, val_fraction: float = DEFAULT_VAL_FRACTION
+              ) -> tuple[list[Item], list[Item]]:
+        items = self.items()
+        train = [i for i in items if split_of(i.sha256, val_fraction) == "train"]
+        val = [i for i in items if split_of(i.sha256, val_fraction) == "val"]
+        return train, val
+
+    def ledger_length(self) -> int:
+        if not self.ledger_path.exists():
+            return 0
+        with open(self.ledger_path, "rb") as f:
+            return sum(1 for _ in f)
+
+    def new_since(self, offset: int) -> int:
+        """Images added or relabelled after ledger line `offset` (still present)."""
+        if not self.ledger_path.exists():
+            return 0
+        shas: set[str] = set()
+        with open(self.ledger_path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i < offset:
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash; the image itself is on disk or not
+                if event.get("event") in ("added", "relabelled"):
+                    shas.add(event["sha256"])
+                elif event.get("event") == "deleted":
+                    shas.discard(event["sha256"])
+        return len(shas)
+
+    # -- writing -------------------------------------------------------------------------------
+    def ingest(self, data: bytes, label: str, source: str = "upload") -> IngestResult:
+        """Store `data` under `label`. Raises InvalidLabel, ImageError (not stored) or VolumeFull.
+
+        Idempotent by content hash: the same bytes under the same label -> "duplicate"; under a
+        new label -> moved ("relabelled").
+        """
+        check_label(label)
+        info = probe_image(data, self.max_pixels)
+        sha = sha256_of(data)
+        target = self.root / label / f"{sha}.{info.extension}"
+        with self._lock:
+            existing = self.find(sha)
+            if existing is not None and existing.label == label:
+                return IngestResult(sha, label, "duplicate")
+            target.parent.mkdir(exist_ok=True)
+            if existing is not None:
+                os.replace(existing.path, target)
+                fsync_dir(target.parent)
+                fsync_dir(existing.path.parent)
+                self._append_ledger("relabelled", sha, label, existing.label, source)
+                return IngestResult(sha, label, "relabelled")
+            write_file_atomic(target, data, self.tmp)
+            try:
+                self._append_ledger("added", sha, label, None, source)
+            except VolumeFull:
+                target.unlink(missing_ok=True)
+                raise
+            return IngestResult(sha, label, "added")
+
+    def delete(self, sha256: str, source: str = "api") -> bool:
+        with self._lock:
+            item = self.find(sha256)
+            if item is None:
+                return False
+            item.path.unlink()
+            fsync_dir(item.path.parent)
+            self._append_ledger("deleted", sha256, None, item.label, source)
+            return True
+
+    def _append_ledger(self, event: str, sha: str, label: str | None, old: str | None,
+                       source: str) -> None:
+        line = json.dumps({"time": time.time(), "event": event, "sha256": sha, "label": label,
+                           "old_label": old, "source": source}) + "\n"
+        try:
+            with open(self.ledger_path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise VolumeFull(exc.errno, f"the data volume is full: {exc.strerror}") from None
+            raise
+
+    # -- bulk import ---------------------------------------------------------------------------
+    def ingest_many(self, files: Iterable[tuple[str, str, bytes]], source: str
+                    ) -> ImportReport:
+        """(display name, label, bytes) triples -> report; bad files are skipped and counted."""
+        report = ImportReport()
+        for name, label, data in files:
+            try:
+                report.count(self.ingest(data, label, source).status)
+            except (ImageError, InvalidLabel) as exc:
+                report.skipped.append((name, str(exc)))
+        return report
+
+
+def iter_imagefolder(root: Path) -> Iterator[tuple[str, str, bytes]]:
+    """Walk an ImageFolder tree (`root/<label>/<file>`, or `root/train|val|test/<label>/...`
+    merged) -> (path, label, bytes). Labels come from folder names, validated by ingest."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    subs = {p.name for p in root.iterdir() if p.is_dir()}
+    split_dirs = [root / s for s in ("train", "val", "test") if s in subs]
+    tops = split_dirs if split_dirs and subs <= {"train", "val", "test"} else [root]
+    for top in tops:
+        for label_dir in sorted(p for p in top.iterdir() if p.is_dir()):
+            for f in sorted(label_dir.rglob("*")):
+                if f.is_file() and not f.name.startswith("."):
+                    yield str(f), label_dir.name, f.read_bytes()
+
+
+# -- CIFAR-10 ------------------------------------------------------------------------------------
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles of numpy arrays; allow exactly what they need, so a
+    malicious batch file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("builtins", "bytes"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # type: ignore[no-untyped-def]
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def load_cifar_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+
+
+def _key(d: dict, name: str):  # CIFAR batches use bytes keys; tolerate str keys too
+    return d[name.encode()] if name.encode() in d else d[name]
+
+
+def iter_cifar10(folder: Path, subset: int | None) -> Iterator[tuple[str, str, bytes]]:
+    """A `cifar-10-batches-py` folder -> PNG bytes per image, at most `subset` per class,
+    taken in file order (data_batch_1..5, then test_batch)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    meta = load_cifar_batch(folder / "batches.meta")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(meta, "label_names")]
+    taken: Counter[int] = Counter()
+    batches = sorted(folder.glob("data_batch_*")) + sorted(folder.glob("test_batch"))
+    if not batches:
+        raise FileNotFoundError(f"no data_batch_* or test_batch in {folder}")
+    for batch_path in batches:
+        batch = load_cifar_batch(batch_path)
+        data = _key(batch, "data")
+        labels = _key(batch, "labels")
+        for row, y in zip(data, labels, strict=True):
+            if subset is not None and taken[y] >= subset:
+                continue
+            taken[y] += 1
+            img = Image.fromarray(row.reshape(3, 32, 32).transpose(1, 2, 0))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            yield f"{batch_path.name}#{sum(taken.values())}", names[y], buf.getvalue()
+        if subset is not None and len(taken) == len(names) and min(taken.values()) >= subset:
+            return
+
+
+def download_cifar10(cache_dir: Path) -> Path:
+    """Fetch CIFAR-10 with torchvision (needs the network); -> the cifar-10-batches-py folder."""
+    from torchvision.datasets import CIFAR10
+
+    CIFAR10(root=str(cache_dir), train=True, download=True)
+    return Path(cache_dir) / "cifar-10-batches-py"
