@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Container entrypoint: one image, two roles.
+#
+#   visionloop-node head     Ray head node, then `visionloop up` (Serve app + training controller)
+#                            attached to it through RAY_ADDRESS; exits with the service's status.
+#   visionloop-node worker   a Ray worker node that joins RAY_HEAD_ADDRESS and blocks; it exits
+#                            (non-zero) when its raylet dies, e.g. when the head went away, so the
+#                            container's restart policy brings it back and it joins again.
+#   anything else            run as given (`docker compose run --rm head visionloop models`).
+#
+# Settings read here (the service validates its own VISIONLOOP_* settings at start; its error,
+# naming the variable, is printed as is and makes this script exit non-zero):
+#   VISIONLOOP_HOME            the data volume (default /data); must be writable
+#   VISIONLOOP_PORT            HTTP port of the service (default 8000)
+#   RAY_AUTH_MODE              token (default) or disabled
+#   RAY_AUTH_TOKEN             the cluster's shared token; required on workers (the head makes
+#                              one up, with a warning, when none is given: it can then run alone)
+#   RAY_HEAD_ADDRESS           worker only: the head's GCS (default head:6379)
+#   VISIONLOOP_HEAD_NUM_CPUS   logical CPUs the head offers to Ray (default 0, Ray's advice for
+#                              a head node): the Serve replicas reserve 0 CPUs
+#                              (VISIONLOOP_CLASSIFIER_CPUS) and Ray Train's controller too, so
+#                              they still run here, while every training worker (1 CPU each)
+#                              lands on a worker node. Reserve classifier CPUs? Raise this to
+#                              match, but below classifier CPUs + 1 to keep training off the head
+#   VISIONLOOP_NODE_NUM_CPUS   logical CPUs a worker offers (default: what the container sees)
+#   RAY_OBJECT_STORE_MEMORY    bytes of object store per node (default 1 GB; keep shm_size above)
+#   VISIONLOOP_WORKER_WAIT_S   how long a worker waits for the head's GCS (default 180)
+set -euo pipefail
+
+log() { printf '[visionloop-node] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit "${2:-64}"; }
+
+require_uint() { # NAME VALUE
+  [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
+}
+
+check_common() {
+  export VISIONLOOP_HOME="${VISIONLOOP_HOME:-/data}"
+  export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+  case "$RAY_AUTH_MODE" in
+    token | disabled) ;;
+    *) die "RAY_AUTH_MODE must be 'token' or 'disabled', got '$RAY_AUTH_MODE'" ;;
+  esac
+  OBJECT_STORE="${RAY_OBJECT_STORE_MEMORY:-1000000000}"
+  require_uint RAY_OBJECT_STORE_MEMORY "$OBJECT_STORE"
+  if ! mkdir -p "$VISIONLOOP_HOME/cache" 2>/dev/null || [ ! -w "$VISIONLOOP_HOME" ]; then
+    die "VISIONLOOP_HOME=$VISIONLOOP_HOME is not writable by uid $(id -u); mount a volume there (the compose file does) or chown it to $(id -u):$(id -g)"
+  fi
+}
+
+run_head() {
+  check_common
+  local port="${VISIONLOOP_PORT:-8000}" cpus="${VISIONLOOP_HEAD_NUM_CPUS:-0}"
+  require_uint VISIONLOOP_PORT "$port"
+  require_uint VISIONLOOP_HEAD_NUM_CPUS "$cpus"
+  if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+    RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
+    export RAY_AUTH_TOKEN
+    log "warning: RAY_AUTH_TOKEN is not set; made up a token for this run, so no worker can join (set RAY_AUTH_TOKEN on the head and every worker)"
+  fi
+
+  log "starting the Ray head (GCS :6379, ${cpus} logical CPU(s) offered to Ray, dashboard :8265)"
+  ray start --head --port=6379 --num-cpus="$cpus" \
+    --object-store-memory="$OBJECT_STORE" \
+    --include-dashboard=true --dashboard-host=0.0.0.0 --dashboard-port=8265 \
+    --resources='{"visionloop_head": 1}' --disable-usage-stats \
+    || die "ray start --head failed (see the lines above)" 70
+
+  # Run the service as a child, not with exec, so that after it stops the Ray head is stopped
+  # too and the container exits with the service's own status (a settings error included).
+  local child rc
+  RAY_ADDRESS="${RAY_ADDRESS:-auto}" visionloop up --host 0.0.0.0 --port "$port" &
+  child=$!
+  trap 'log "stopping (signal)"; kill -TERM "$child" 2>/dev/null || true' TERM INT
+  rc=0
+  # `wait` returns early when a trapped signal arrives; keep waiting until the child is gone.
+  while :; do
+    wait "$child" && rc=0 || rc=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  trap - TERM INT
+  if [ "$rc" -ne 0 ]; then
+    log "visionloop up exited with status $rc"
+  fi
+  ray stop --grace-period 10 >/dev/null 2>&1 || true
+  exit "$rc"
+}
+
+run_worker() {
+  check_common
+  local head="${RAY_HEAD_ADDRESS:-head:6379}" wait_s="${VISIONLOOP_WORKER_WAIT_S:-180}"
+  require_uint VISIONLOOP_WORKER_WAIT_S "$wait_s"
+  if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+    die "RAY_AUTH_TOKEN is not set: a worker needs the head's token to join (set it in .env, see .env.example)"
+  fi
+  local cpu_args=()
+  if [ -n "${VISIONLOOP_NODE_NUM_CPUS:-}" ]; then
+    require_uint VISIONLOOP_NODE_NUM_CPUS "$VISIONLOOP_NODE_NUM_CPUS"
+    cpu_args=(--num-cpus="$VISIONLOOP_NODE_NUM_CPUS")
+  fi
+
+  log "waiting for the Ray head at $head (up to ${wait_s} s)"
+  local deadline=$((SECONDS + wait_s))
+  until ray health-check --address "$head" --skip-version-check >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      die "the Ray head at $head did not answer within ${wait_s} s (RAY_HEAD_ADDRESS, RAY_AUTH_TOKEN)" 69
+    fi
+    sleep 2
+  done
+
+  log "joining $head"
+  # --block: stay in the foreground and exit when a Ray process of this node dies; a raylet that
+  # loses the head's GCS for longer than RAY_gcs_rpc_server_reconnect_timeout_s dies.
+  exec ray start --address="$head" --block "${cpu_args[@]}" \
+    --object-store-memory="$OBJECT_STORE" \
+    --resources='{"visionloop_worker": 1}' --disable-usage-stats
+}
+
+role="${1:-head}"
+case "$role" in
+  head) run_head ;;
+  worker) run_worker ;;
+  *) exec "$@" ;;
+esac
