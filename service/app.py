@@ -1,0 +1,73 @@
+"""The map of the service.
+
+Request flow:
+
+    client ─HTTP─▶ Serve proxy ─▶ Ingress (FastAPI, service.api)
+                                  │ RequestGuard: in-flight bound (503), body bytes (413), metrics
+                                  │ auth (service.security): API token; predict open or its token
+                                  ├─ POST /v1/predict ─▶ Classifier replicas (service.classifier)
+                                  │     header probe (415/413) in the ingress, then one call per
+                                  │     image; @serve.batch groups them; decode + inference in a
+                                  │     worker thread; each answer names its model version;
+                                  │     images kept in predictions/ for feedback and review
+                                  ├─ /v1/labels, /v1/feedback ─▶ DatasetStore.ingest (volume)
+                                  ├─ /v1/dataset, /v1/review, GET /v1/train, /v1/models ─▶ volume
+                                  ├─ POST, DELETE /v1/train ─▶ TrainingController (one replica)
+                                  │     run_job in a thread ─▶ Ray Train TorchTrainer workers
+                                  │     schedule tick every second; retention every minute
+                                  └─ POST /v1/models/{v}/activate ─▶ CURRENT, then broadcast
+                                        `reload` to every classifier replica
+
+    A published model reaches the classifiers through models/CURRENT: each replica polls it about
+    every second (and reloads at once on the activate broadcast), loads and checks the new
+    version, then swaps one reference.
+
+Resource plan: see `service.deployments` (Serve actors take 0 CPUs; training takes the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from service.deployments import ClassifierDeployment, ControllerDeployment, IngressDeployment
+from service.security import ensure_api_token
+from service.settings import Settings
+from training.registry import Registry
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "visionloop"
+
+
+def prepare_home(settings: Settings) -> tuple[Settings, Path | None]:
+    """Before the replicas start: an absolute home (actors may run in another directory),
+    leftovers of killed publishers removed, version 0 published on a fresh volume, the API
+    token generated when none is configured. -> (settings, token file or None)."""
+    settings = settings.model_copy(update={"home": Path(settings.home).resolve()})
+    settings.home.mkdir(parents=True, exist_ok=True)
+    registry = Registry(settings.home)
+    registry.remove_stale_partials()
+    if registry.ensure_v0(settings.backbone):
+        log.info("published version 0 (pretrained %s ImageNet classifier)",
+                 registry.manifest("v0")["backbone"])
+    _, token_file = ensure_api_token(settings.home, settings.api_token)
+    return settings, token_file
+
+
+def build_app(settings: Settings) -> Application:
+    classifier_d: Any = ClassifierDeployment  # Serve deployments (mypy sees the classes)
+    controller_d: Any = ControllerDeployment
+    ingress_d: Any = IngressDeployment
+    classifier = classifier_d.options(
+        num_replicas=settings.classifier_replicas,
+        ray_actor_options={"num_cpus": settings.classifier_cpus,
+                           "num_gpus": settings.classifier_gpus},
+    ).bind(settings)
+    controller = controller_d.bind(settings)
+    return ingress_d.options(  # room above our own bound, so overload is ours (503)
+        max_ongoing_requests=settings.max_in_flight + 64,
+    ).bind(settings, classifier, controller)

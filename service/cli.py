@@ -1,0 +1,446 @@
+"""`visionloop`: the command line.
+
+On the volume (`--home`, default `VISIONLOOP_HOME` or ./visionloop-data):
+    up        start the whole service (local Ray cluster, or join RAY_ADDRESS)
+    train     run one training job here, with a progress bar (shares the job lock)
+    import    an ImageFolder tree, or `import cifar10 --subset N [--from FOLDER]`
+    models    the versions on the volume; the current one marked
+Against a running service (`--url`, `--token`):
+    predict IMAGE...   label DIR   activate VERSION
+
+`import` and `label` end in the same function, `DatasetStore.ingest` (here and in the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class CliError(Exception):
+    """A failure to report in one line and exit 1."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("VISIONLOOP_HOME") or "./visionloop-data")
+
+
+# -- up ------------------------------------------------------------------------------------------
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS when set (its token from RAY_AUTH_TOKEN), else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from service.app import APP_NAME, build_app, prepare_home
+    from service.settings import load_settings
+
+    overrides: dict[str, Any] = {"home": args.home}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    settings, token_file = prepare_home(load_settings(**overrides))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    init_ray(settings.ray_num_cpus)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"visionloop is up at {url}  (API docs: {url}/docs)", flush=True)
+    if token_file is not None:
+        print(f"API token: in {token_file} (send 'Authorization: Bearer <token>')", flush=True)
+    else:
+        print("API token: from VISIONLOOP_API_TOKEN", flush=True)
+    stop.wait()
+    print("stopping...", flush=True)
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()
+    print("stopped", flush=True)
+    return 0
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from training.config import GateConfig, TrainConfig
+
+    def add(prefix: str, fields: dict[str, Any]) -> None:
+        for name, field in fields.items():
+            if name == "gate":
+                continue
+            flag = "--" + (prefix + name).replace("_", "-")
+            dest = (prefix + name).replace("-", "_")
+            helptext = (field.description or "") + f" (default: {field.default})"
+            choices = typing.get_args(field.annotation)
+            if typing.get_origin(field.annotation) is typing.Literal:
+                parser.add_argument(flag, dest=dest, choices=choices, default=None,
+                                    help=helptext)
+            elif field.annotation is bool:
+                parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                    default=None, help=helptext)
+            else:
+                kind: Any = str
+                text = str(field.annotation)
+                if "int" in text and "float" not in text:
+                    kind = int
+                elif "float" in text:
+                    kind = float
+                parser.add_argument(flag, dest=dest, type=kind, default=None, help=helptext)
+
+    add("", dict(TrainConfig.model_fields))
+    add("gate_", dict(GateConfig.model_fields))
+
+
+def _train_config(args: argparse.Namespace, default_backbone: str) -> Any:
+    from service.controller import train_config
+    from training.config import GateConfig, TrainConfig
+
+    overrides = {n: getattr(args, n) for n in TrainConfig.model_fields
+                 if n != "gate" and getattr(args, n, None) is not None}
+    gate = {n: getattr(args, "gate_" + n) for n in GateConfig.model_fields
+            if getattr(args, "gate_" + n, None) is not None}
+    if gate:
+        overrides["gate"] = gate
+    return train_config(overrides, default_backbone)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.controller import InvalidTrainRequest
+    from service.settings import load_settings
+    from training.dataset import DatasetStore, DatasetTooSmall
+    from training.job import job_view, prepare_data, run_job
+    from training.jobs import JobRunning, JobStore
+
+    settings = load_settings(home=args.home)
+    home = Path(settings.home).resolve()
+    try:
+        cfg = _train_config(args, settings.backbone)
+        prepare_data(DatasetStore(home, settings.max_pixels))
+        jobs = JobStore(home)
+        if jobs.is_locked():
+            raise JobRunning("a training job is already running on this volume")
+    except (InvalidTrainRequest, DatasetTooSmall, JobRunning) as exc:
+        raise CliError(str(exc)) from None
+    init_ray(settings.ray_num_cpus)
+    started = threading.Event()
+    job: dict[str, Any] = {}
+
+    def on_started(job_id: str) -> None:
+        job["id"] = job_id
+        started.set()
+
+    def target() -> None:
+        try:
+            job["record"] = run_job(home, cfg, source="cli",
+                                    keep_versions=settings.keep_versions, on_started=on_started)
+        except BaseException as exc:
+            job["error"] = exc
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=target, name="train", daemon=True)
+    thread.start()
+    started.wait()
+    if "error" in job:
+        raise CliError(str(job["error"]))
+    print(f"training job {job['id']}: {cfg.backbone}, {cfg.strategy}, {cfg.epochs} epochs, "
+          f"{cfg.workers} worker(s){', GPU' if cfg.gpu else ''}", flush=True)
+    with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {postfix}") as bar:
+        while thread.is_alive():
+            thread.join(0.5)
+            _show_progress(bar, job_view(jobs, job["id"]))
+        record = job.get("record") or jobs.get(job["id"])
+        _show_progress(bar, record)
+    if "error" in job:
+        raise CliError(str(job["error"]))
+    status = record["status"]
+    if status == "succeeded":
+        print(f"{record['version']}: {'promoted' if record['promoted'] else 'not promoted'} "
+              f"({record['reason']})")
+        return 0
+    raise CliError(f"job {record['job_id']} {status}: {record.get('error') or record['reason']}")
+
+
+def _show_progress(bar: Any, record: dict[str, Any]) -> None:
+    p = record.get("progress") or {}
+    bar.n = round(100 * float(p.get("fraction") or 0.0))
+    last = (record.get("metrics") or [{}])[-1]
+    parts = [f"epoch {p.get('epoch', 0)}/{p.get('epochs', 0)}"]
+    if "train_loss" in last:
+        parts.append(f"loss {last['train_loss']:.3f}")
+    if "val_accuracy" in last:
+        parts.append(f"val acc {last['val_accuracy']:.3f}")
+    if p.get("eta_s") is not None:
+        parts.append(f"ETA {int(p['eta_s'])}s")
+    bar.set_description(record.get("status", ""))
+    bar.set_postfix_str(", ".join(parts))
+
+
+# -- import, models ------------------------------------------------------------------------------
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from service.settings import load_settings
+    from training.dataset import DatasetStore, download_cifar10, iter_cifar10, iter_imagefolder
+
+    settings = load_settings(home=args.home)
+    home = Path(settings.home).resolve()
+    store = DatasetStore(home, settings.max_pixels)
+    if args.source == "cifar10":
+        folder = Path(args.from_folder) if args.from_folder else None
+        if folder is None:
+            try:
+                folder = download_cifar10(home / "cache" / "cifar10")
+            except Exception as exc:
+                raise CliError(f"could not download CIFAR-10 ({type(exc).__name__}: {exc}); "
+                               "pass --from FOLDER with an extracted cifar-10-batches-py") from None
+        files: Iterator[tuple[str, str, bytes]] = iter_cifar10(folder, args.subset)
+        source = "import:cifar10"
+    else:
+        if not Path(args.source).is_dir():
+            raise CliError(f"{args.source} is not a directory (an ImageFolder tree: "
+                           "DIR/<label>/<image>)")
+        files = iter_imagefolder(Path(args.source))
+        source = "import"
+    report = store.ingest_many(files, source)
+    for name, reason in report.skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(report.summary())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from training.registry import InvalidVersion, Registry
+
+    registry = Registry(Path(args.home).resolve())
+    current = registry.current()
+    rows = [("", "VERSION", "BACKBONE", "CLASSES", "VAL ACC", "PROMOTED", "CREATED")]
+    for v in registry.versions():
+        try:
+            m = registry.manifest(v)
+        except InvalidVersion:
+            rows.append(("", v, "?", "?", "?", "?", "unreadable manifest"))
+            continue
+        acc = (m.get("metrics") or {}).get("best_val_accuracy")
+        classes = m.get("classes") or []
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("created_at") or 0))
+        rows.append(("*" if v == current else "", v, str(m.get("backbone")),
+                     str(len(classes)) if len(classes) > 8 else ",".join(classes),
+                     "-" if acc is None else f"{acc:.3f}",
+                     str((m.get("promotion") or {}).get("promoted")), created))
+    if len(rows) == 1:
+        print("no model versions yet (`visionloop up` or `visionloop train` publishes v0)")
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+# -- HTTP commands -------------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    from service.security import read_token_file
+
+    token = args.token or os.environ.get("VISIONLOOP_API_TOKEN") or read_token_file(args.home)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout)
+
+
+def _check(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code >= 400:
+        err = body.get("error") if isinstance(body, dict) else None
+        message = err["message"] if err else response.text[:500]
+        raise CliError(f"HTTP {response.status_code}: {message}")
+    return body
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise CliError(f"{p}: no such file")
+    with _client(args) as client:
+        body = _check(client.post("/v1/predict", params={"top_k": args.top_k},
+                                  files=[("files", (p.name, p.read_bytes())) for p in paths]))
+    print(f"model {body['model_version']}")
+    for pred in body["predictions"]:
+        tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in pred["top_k"])
+        print(f"{pred['filename']}: {pred['label']} ({pred['score']:.3f})  [{tops}]  "
+              f"id {pred['prediction_id']}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from training.dataset import iter_imagefolder
+
+    if not Path(args.dir).is_dir():
+        raise CliError(f"{args.dir} is not a directory (an ImageFolder tree: DIR/<label>/<image>)")
+    counts = {"added": 0, "duplicate": 0, "relabelled": 0}
+    skipped: list[tuple[str, str]] = []
+    batch: list[tuple[str, bytes]] = []
+    batch_label: str | None = None
+
+    def send(client: Any, label: str, files: list[tuple[str, bytes]]) -> None:
+        response = client.post("/v1/labels", data={"label": label},
+                               files=[("files", (Path(n).name, d)) for n, d in files])
+        if response.status_code in (400, 413, 415) and len(files) > 1:
+            for one in files:  # find the bad file(s); the good ones still go in
+                send(client, label, [one])
+            return
+        try:
+            body = _check(response)
+        except CliError as exc:
+            if response.status_code in (400, 413, 415):
+                skipped.append((files[0][0], str(exc)))
+                return
+            raise
+        for r in body["results"]:
+            counts[r["status"]] += 1
+
+    with _client(args) as client:
+        for name, label, data in iter_imagefolder(Path(args.dir)):
+            if batch and (label != batch_label or len(batch) >= args.batch):
+                send(client, batch_label or label, batch)
+                batch = []
+            batch_label = label
+            batch.append((name, data))
+        if batch and batch_label:
+            send(client, batch_label, batch)
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(f"added {counts['added']}, duplicate {counts['duplicate']}, "
+          f"relabelled {counts['relabelled']}, skipped {len(skipped)}")
+    return 0
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        body = _check(client.post(f"/v1/models/{args.version}/activate"))
+    print(f"current: {body['current']} (replicas: {', '.join(map(str, body['replicas']))})")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visionloop", description="Self-hosted image classification that retrains itself.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def volume(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--home", type=Path, default=default_home(),
+                       help="the data volume (default: $VISIONLOOP_HOME or ./visionloop-data)")
+
+    def http(p: argparse.ArgumentParser) -> None:
+        volume(p)
+        p.add_argument("--url", default=os.environ.get("VISIONLOOP_URL", DEFAULT_URL),
+                       help=f"the running service (default: {DEFAULT_URL})")
+        p.add_argument("--token", default=None, help="API token (default: "
+                       "$VISIONLOOP_API_TOKEN, else the volume's secrets/api-token)")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+
+    p = sub.add_parser("up", help="start the whole service",
+                       description="Start Ray (local, or join RAY_ADDRESS), Serve and the API. "
+                       "Stops cleanly on SIGTERM/SIGINT.")
+    volume(p)
+    p.add_argument("--host", default=None, help="interface (default: $VISIONLOOP_HOST or "
+                   "127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: "
+                   "$VISIONLOOP_PORT or 8000)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("train", help="run one training job on the volume",
+                       description="Run one Ray Train job here with a progress bar. Fails if a "
+                       "job is already running on this volume.")
+    volume(p)
+    _train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("import", help="import an ImageFolder tree or CIFAR-10",
+                       description="DIR: an ImageFolder tree (DIR/<label>/<image>, or "
+                       "DIR/train|val/<label>/<image>). 'cifar10': the CIFAR-10 training images.")
+    volume(p)
+    p.add_argument("source", help="DIR, or the word cifar10")
+    p.add_argument("--subset", type=int, default=None,
+                   help="cifar10: at most N images per class")
+    p.add_argument("--from", dest="from_folder", default=None,
+                   help="cifar10: a local cifar-10-batches-py folder instead of downloading")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("models", help="list model versions", description="List model versions "
+                       "on the volume; * marks the current one.")
+    volume(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("predict", help="classify images with the running service")
+    http(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("label", help="upload an ImageFolder tree of labelled images",
+                       description="Upload DIR/<label>/<image> to the running service, in "
+                       "batches of one label.")
+    http(p)
+    p.add_argument("dir")
+    p.add_argument("--batch", type=int, default=32, help="images per request")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("activate", help="serve another model version (rollback or pin)")
+    http(p)
+    p.add_argument("version", help="v0, v1, ...")
+    p.set_defaults(func=cmd_activate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from service.settings import SettingsError
+
+    logging.basicConfig(level=os.environ.get("VISIONLOOP_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, SettingsError) as exc:
+        print(f"visionloop: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

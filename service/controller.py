@@ -1,0 +1,213 @@
+"""The training controller: one job at a time per volume, job records, cancel, the schedule,
+and retention. Plain Python; `service.deployments.ControllerDeployment` wraps it for Serve.
+
+- `start` validates the overrides (`TrainConfig`, 400) and the dataset (`prepare_data`, 400)
+  before anything is written, refuses with `JobRunning` (409) while this process or any other
+  (the CLI's `train`) holds the volume's job lock, writes a `queued` record and runs
+  `training.job.run_job` in a thread (the caller is inside the Ray cluster).
+- The schedule (`VISIONLOOP_RETRAIN_SCHEDULE`, cron; a sixth field is seconds) is evaluated by
+  `tick(now)`, a plain function of the time: when a cron time has passed since the last tick
+  seen, that tick is persisted first (`jobs/schedule.json`, so a restart never fires the same
+  tick twice; a tick missed while the service was down fires once), then a job starts if at
+  least `VISIONLOOP_RETRAIN_MIN_NEW` images are new since the last job and none is running.
+- Retention after every job and every minute: model versions beyond `keep_versions` (by
+  `run_job`), Ray Train run folders of finished jobs beyond the newest `keep_versions`, and old
+  prediction images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from croniter import croniter
+from pydantic import ValidationError
+
+from service.predictions import PredictionStore
+from service.settings import Settings
+from training.config import TrainConfig
+from training.dataset import DatasetStore, DatasetTooSmall, write_file_atomic
+from training.jobs import ACTIVE, JobRunning, JobStore
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_STATE = "schedule.json"
+
+
+class InvalidTrainRequest(ValueError):
+    code = "invalid_train_request"
+    status = 400
+
+
+def new_since_last_job(store: DatasetStore, jobs: JobStore) -> int:
+    """Images added or relabelled since the newest job that started training (promoted or not,
+    so a rejected candidate does not retrigger the schedule)."""
+    for record in jobs.list():
+        offset = record.get("ledger_offset")
+        if offset is not None:
+            return store.new_since(int(offset))
+    return store.new_since(0)
+
+
+def train_config(overrides: dict[str, Any], default_backbone: str) -> TrainConfig:
+    """Overrides with the CLI's names -> TrainConfig; raises InvalidTrainRequest (400)."""
+    try:
+        return TrainConfig(**{"backbone": default_backbone, **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise InvalidTrainRequest(f"invalid training options: {problems}") from None
+    except TypeError as exc:
+        raise InvalidTrainRequest(f"invalid training options: {exc}") from None
+
+
+class TrainingController:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.home = Path(settings.home).resolve()
+        self.store = DatasetStore(self.home, settings.max_pixels)
+        self.jobs = JobStore(self.home)
+        self.predictions = PredictionStore(self.home, settings.predictions_keep,
+                                           settings.predictions_max_age_s)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        interrupted = self.jobs.mark_interrupted()
+        if interrupted:
+            log.warning("marked %d interrupted job(s) failed: %s", len(interrupted), interrupted)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def running(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive()) or self.jobs.is_locked()
+
+    def start(self, overrides: dict[str, Any], source: str = "api") -> dict[str, Any]:
+        """Validate, then start a job in a thread -> its `queued` record.
+        Raises InvalidTrainRequest / DatasetTooSmall (400) and JobRunning (409)."""
+        from training.job import prepare_data
+
+        cfg = train_config(overrides, self.settings.backbone)
+        prepare_data(self.store)
+        with self._lock:
+            if self.running():
+                raise JobRunning("a training job is already running on this volume")
+            record = self.jobs.create(cfg.model_dump(), source)
+            self._thread = threading.Thread(target=self._run, args=(cfg, record["job_id"], source),
+                                            name=f"job-{record['job_id']}", daemon=True)
+            self._thread.start()
+        log.info("training job %s started (%s)", record["job_id"], source)
+        return record
+
+    def _run(self, cfg: TrainConfig, job_id: str, source: str) -> None:
+        from training.job import run_job
+
+        try:
+            record = run_job(self.home, cfg, job_id=job_id, source=source,
+                             keep_versions=self.settings.keep_versions)
+            log.info("training job %s ended: %s (%s)", job_id, record["status"],
+                     record.get("reason"))
+        except (JobRunning, DatasetTooSmall) as exc:  # lost a race with the CLI, or data deleted
+            self.jobs.update(job_id, status="failed", reason=type(exc).__name__, error=str(exc),
+                             finished_at=time.time())
+        except Exception as exc:
+            log.exception("training job %s crashed", job_id)
+            self.jobs.update(job_id, status="failed", reason="error",
+                             error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+        finally:
+            self.prune_runs()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask a job to stop (workers poll for it; the record turns `cancelled`). A queued job
+        whose thread is gone is cancelled at once. Raises JobNotFound."""
+        record = self.jobs.request_cancel(job_id)
+        if record["status"] == "queued" and not self.running():
+            record = self.jobs.update(job_id, status="cancelled", reason="cancelled on request",
+                                      finished_at=time.time())
+        return record
+
+    def wait(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # -- schedule ------------------------------------------------------------------------------
+    def _state_path(self) -> Path:
+        return self.jobs.root / SCHEDULE_STATE
+
+    def _last_tick(self) -> float | None:
+        try:
+            return float(json.loads(self._state_path().read_text())["last_tick"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_tick(self, tick: float) -> None:
+        write_file_atomic(self._state_path(),
+                          json.dumps({"last_tick": tick, "schedule":
+                                      self.settings.retrain_schedule}).encode())
+
+    def tick(self, now: float) -> str | None:
+        """Evaluate the schedule at time `now` (epoch seconds). -> the job id started, or None."""
+        expr = self.settings.retrain_schedule
+        if not expr:
+            return None
+        due = croniter(expr, now).get_prev(float)
+        last = self._last_tick()
+        if last is None:  # first look at this schedule: start counting from now
+            self._save_tick(due)
+            return None
+        if due <= last:
+            return None
+        self._save_tick(due)  # before acting: a crash or restart never fires this tick again
+        new = new_since_last_job(self.store, self.jobs)
+        if new < self.settings.retrain_min_new:
+            log.info("schedule: %d new image(s) since the last job, %d needed; not training",
+                     new, self.settings.retrain_min_new)
+            return None
+        if self.running():
+            log.info("schedule: a job is running; skipping this tick")
+            return None
+        try:
+            return str(self.start({}, source="schedule")["job_id"])
+        except (JobRunning, DatasetTooSmall, InvalidTrainRequest) as exc:
+            log.warning("schedule: not training: %s", exc)
+            return None
+
+    def run_background(self, poll_s: float = 1.0, retention_every_s: float = 60.0) -> None:
+        """Tick the schedule every `poll_s` and apply retention every `retention_every_s`, in a
+        daemon thread, until `stop()`."""
+        def loop() -> None:
+            next_retention = 0.0
+            while not self._stop.wait(poll_s):
+                try:
+                    self.tick(time.time())
+                    if time.monotonic() >= next_retention:
+                        self.predictions.prune()
+                        next_retention = time.monotonic() + retention_every_s
+                except Exception:
+                    log.exception("schedule/retention loop")
+
+        threading.Thread(target=loop, name="schedule", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- retention -----------------------------------------------------------------------------
+    def prune_runs(self) -> list[str]:
+        """Remove `runs/<job_id>` of finished jobs beyond the newest `keep_versions` jobs."""
+        runs = self.home / "runs"
+        if not runs.is_dir():
+            return []
+        finished = [r["job_id"] for r in self.jobs.list() if r.get("status") not in ACTIVE]
+        removed = []
+        for job_id in finished[self.settings.keep_versions:]:
+            path = runs / job_id
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(job_id)
+        if removed:
+            log.info("retention: removed %d old training run folder(s): %s", len(removed), removed)
+        return removed

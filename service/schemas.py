@@ -1,0 +1,137 @@
+"""HTTP shapes of the /v1 API (DESIGN.md "Shapes"), one family per direction.
+
+`*Request` models are what clients send, `*Public` what the service answers. They document the
+API at /docs; routes build them from the training contract's plain dicts and dataclasses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorPublic(BaseModel):
+    """Every error: `{"error": {"code", "message"}}`."""
+
+    error: ErrorBody
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    score: float
+
+
+class PredictionPublic(BaseModel):
+    prediction_id: str
+    filename: str | None
+    label: str
+    score: float
+    top_k: list[ScoredLabel]
+
+
+class PredictPublic(BaseModel):
+    model_version: str
+    predictions: list[PredictionPublic]
+
+
+class PredictJsonRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(..., description="base64-encoded image bytes")
+
+
+class LabelResultPublic(BaseModel):
+    sha256: str
+    label: str
+    status: Literal["added", "duplicate", "relabelled"]
+
+
+class LabelsPublic(BaseModel):
+    results: list[LabelResultPublic]
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prediction_id: str
+    label: str
+
+
+class FeedbackPublic(LabelResultPublic):
+    prediction_id: str
+
+
+class DatasetPublic(BaseModel):
+    labels: dict[str, int]
+    total: int
+    new_since_last_job: int
+
+
+class ReviewItemPublic(BaseModel):
+    prediction_id: str
+    created_at: float
+    model_version: str
+    label: str
+    score: float
+    top_k: list[ScoredLabel]
+
+
+class ReviewPublic(BaseModel):
+    below: float
+    items: list[ReviewItemPublic]
+
+
+class TrainStartedPublic(BaseModel):
+    job_id: str
+    status: str
+
+
+class ProgressPublic(BaseModel):
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    fraction: float = 0.0
+    eta_s: float | None = None
+
+
+class JobPublic(BaseModel):
+    """A training job; extra fields of the record (config, timings, dataset) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: ProgressPublic
+    metrics: list[dict[str, Any]]
+    version: str | None = None
+    promoted: bool | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+class JobsPublic(BaseModel):
+    jobs: list[JobPublic]
+
+
+class VersionPublic(BaseModel):
+    version: str
+    created_at: float | None
+    backbone: str | None
+    classes: list[str]
+    val_accuracy: float | None
+    promoted: bool | None
+
+
+class ModelsPublic(BaseModel):
+    current: str | None
+    versions: list[VersionPublic]
+
+
+class ActivatePublic(BaseModel):
+    current: str
+    replicas: list[str | None] = Field(
+        default_factory=list, description="the version each classifier replica now serves")
