@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from training.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from training.registry import InvalidVersion, LoadedModel, Registry, VersionNotFound
+from training.registry import InvalidVersion, LoadedModel, Registry
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Classifier:
                 return self.version
             try:
                 new = self.load_checked(wanted)
-            except (VersionNotFound, InvalidVersion, OSError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # any failure (e.g. SafetensorError) keeps the old model
                 self.reload_failures += 1
                 self._failed_version = wanted
                 self.last_error = f"{wanted}: {exc}"
