@@ -7,7 +7,7 @@ and retention. Plain Python; `service.deployments.ControllerDeployment` wraps it
   `training.job.run_job` in a thread (the caller is inside the Ray cluster).
 - The schedule (`VISIONLOOP_RETRAIN_SCHEDULE`, cron; a sixth field is seconds) is evaluated by
   `tick(now)`, a plain function of the time: when a cron time has passed since the last tick
-  seen, that tick is persisted first (`jobs/schedule.json`, so a restart never fires the same
+  seen, that tick is persisted first (`jobs/schedule.state`, so a restart never fires the same
   tick twice; a tick missed while the service was down fires once), then a job starts if at
   least `VISIONLOOP_RETRAIN_MIN_NEW` images are new since the last job and none is running.
 - Retention after every job and every minute: model versions beyond `keep_versions` (by
@@ -36,7 +36,7 @@ from training.jobs import ACTIVE, JobRunning, JobStore
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_STATE = "schedule.json"
+SCHEDULE_STATE = "schedule.state"  # JSON; not *.json, which JobStore reads as job records
 
 
 class InvalidTrainRequest(ValueError):
