@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
         True, description="feature-extract without augmentation: cache backbone features")
     amp: bool = Field(True, description="mixed precision when on GPU")
     channels_last: bool = Field(True, description="channels_last memory format when on GPU")
-    gate: GateConfig = Field(default_factory=GateConfig)
+    gate: GateConfig = Field(default_factory=lambda: GateConfig.model_validate({}))
     smoke_test: bool = Field(False, description="tiny data/epochs, for checking the wiring")
 
     @field_validator("backbone")

@@ -99,7 +99,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             if draft_size and img.format == "JPEG":
                 w, h = img.size
                 scale = max(1.0, min(w, h) / draft_size)

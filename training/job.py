@@ -213,7 +213,8 @@ def _publish(home: Path, registry: Registry, jobs: JobStore, job_id: str, cfg: T
                         current, exc)
     promote, reason = gate(cand_stats.accuracy, current_acc, comparable, cfg.gate)
 
-    history = list(state["history"])
+    # The progress file has every epoch; the best checkpoint only the epochs up to itself.
+    history = list(progress.get("metrics") or state["history"])
     best_epoch = int(state["epoch"])
     version, staging = registry.allocate()
     try:

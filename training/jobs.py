@@ -11,6 +11,7 @@ free was interrupted (`mark_interrupted`).
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import secrets
@@ -130,7 +131,7 @@ class JobStore:
             self.cancel_path(job_id).touch()
         return record
 
-    def mark_interrupted(self) -> list[str]:
+    def mark_interrupted(self) -> builtins.list[str]:
         """Records left queued/running by a process that died -> failed, reason interrupted.
         Only when nobody holds the job lock (a live CLI job is left alone)."""
         stale = [r for r in self.list() if r.get("status") in ACTIVE]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from training.config import TrainConfig
 from training.dataset import write_file_atomic
@@ -39,7 +39,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, nn.Module)
+    return inner
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -97,12 +99,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 2. Data.
     train_ds, val_ds, _ = make_datasets(config["train_samples"], config["val_samples"], cfg)
-    loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.num_data_workers,
-                 "persistent_workers": cfg.num_data_workers > 0}
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train_ds, shuffle=True, **loader_kw))
-    val_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(val_ds, shuffle=False, **loader_kw), add_dist_sampler=False)
+    def loader(ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle,
+                          num_workers=cfg.num_data_workers,
+                          persistent_workers=cfg.num_data_workers > 0)
+
+    train_loader = ray.train.torch.prepare_data_loader(loader(train_ds, True))
+    val_loader = ray.train.torch.prepare_data_loader(loader(val_ds, False),
+                                                     add_dist_sampler=False)
     num_classes = len(config["classes"])
 
     # 3. Model.

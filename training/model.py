@@ -217,7 +217,8 @@ def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
         expandable = [(i, s) for i, s in enumerate(result) if len(children("", s[1])) > 1]
         if not expandable:
             break
-        i, (name, module) = max(expandable, key=lambda e: sum(p.numel() for p in e[1][1].parameters()))
+        i, (name, module) = max(
+            expandable, key=lambda e: sum(p.numel() for p in e[1][1].parameters()))
         result[i:i + 1] = children(name + ".", module)
     return result
 
@@ -255,6 +256,5 @@ def set_train_mode(model: nn.Module) -> None:
     model.train()
     for m in model.modules():
         params = list(m.parameters(recurse=False))
-        if (params and not any(p.requires_grad for p in params)) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None \
-                and not m.weight.requires_grad):
+        if params and not any(p.requires_grad for p in params):
             m.eval()

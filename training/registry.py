@@ -15,6 +15,7 @@ fsync of the folder. A reader never sees a half-written version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -187,10 +188,8 @@ class Registry:
         current = self.current()
         protected = {"v0", current}
         if current:
-            try:
+            with contextlib.suppress(VersionNotFound, InvalidVersion):
                 protected.add(self.manifest(current).get("parent"))
-            except (VersionNotFound, InvalidVersion):
-                pass
         removed = []
         for v in versions[:-keep] if keep > 0 else versions:
             if v in protected:

@@ -1,0 +1,83 @@
+"""The registry: version 0, atomic publishing, retention."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from training.registry import Registry
+
+PUBLISH_FOREVER = """
+import sys, time, torch
+from training.registry import Registry
+from training.model import build_model
+registry = Registry(sys.argv[1])
+state = build_model("efficientnet_lite0", 2, pretrained=False).state_dict()
+manifest = registry.manifest("v0")
+while True:
+    version, staging = registry.allocate()
+    registry.publish(version, staging, state,
+                     {**manifest, "classes": ["a", "b"], "parent": registry.current()})
+    registry.set_current(version)
+    print(version, flush=True)
+"""
+
+
+def test_version_zero_is_the_pretrained_imagenet_classifier(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    assert registry.ensure_v0("efficientnet_lite0") == "v0"
+    assert registry.ensure_v0("efficientnet_lite0") is None
+    assert registry.current() == "v0"
+    loaded = registry.load("v0")
+    assert len(loaded.classes) == 1000 and loaded.classes[285] == "Egyptian cat"
+    x = torch.zeros(1, 3, 224, 224)
+    with torch.no_grad():
+        assert loaded.model(x).shape == (1, 1000)
+
+
+def test_publisher_killed_mid_write_leaves_current_complete(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    registry.ensure_v0("efficientnet_lite0")
+    for delay in (1.5, 2.3, 3.1):
+        proc = subprocess.Popen([sys.executable, "-c", PUBLISH_FOREVER, str(tmp_path)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        proc.stdout.readline()  # at least one publish completed
+        time.sleep(delay % 1)  # land the kill somewhere inside a later publish
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        current = registry.current()
+        assert current is not None
+        loaded = registry.load(current)  # complete and loadable
+        assert loaded.classes == ["a", "b"]
+        # Every listed version is complete; leftovers are only `.v<N>.partial` folders.
+        for v in registry.versions():
+            assert (registry.version_dir(v) / "model.safetensors").exists()
+        leftovers = [p.name for p in (tmp_path / "models").iterdir()
+                     if p.name not in registry.versions()]
+        assert set(leftovers) <= {"CURRENT", ".lock", "backbone.json"} | {
+            p.name for p in (tmp_path / "models").glob(".v*.partial")}
+    removed = registry.remove_stale_partials(older_than_s=0)
+    assert not list((tmp_path / "models").glob(".v*.partial"))
+    assert all(name.endswith(".partial") for name in removed)
+
+
+def test_retention_keeps_current_its_parent_and_v0(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    registry.ensure_v0("efficientnet_lite0")
+    manifest = registry.manifest("v0")
+    state = {"w": torch.zeros(1)}
+    for parent in ("v0", "v1", "v2", "v3", "v4"):
+        version, staging = registry.allocate()
+        registry.publish(version, staging, state, {**manifest, "parent": parent})
+    registry.set_current("v2")  # a pinned older version; its parent is v1
+    removed = registry.prune(keep=2)
+    assert sorted(removed) == ["v3"]
+    assert registry.versions() == ["v0", "v1", "v2", "v4", "v5"]
+    assert registry.current() == "v2"
