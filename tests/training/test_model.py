@@ -38,9 +38,9 @@ def _random_batches(n: int = 2, size: int = 64) -> list[tuple[torch.Tensor, torc
 
 
 def test_unknown_backbone_and_strategy_name_the_allowed_values() -> None:
-    with pytest.raises(ValueError, match="unknown backbone 'resnet9000'.*resnet18"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet9000'.*resnet18"):
         check_backbone("resnet9000")
-    with pytest.raises(ValueError, match="unknown strategy 'yolo'.*feature-extract"):
+    with pytest.raises(ValueError, match=r"unknown strategy 'yolo'.*feature-extract"):
         apply_strategy(build_model("efficientnet_lite0", 2, pretrained=False), "yolo")
     with pytest.raises(ValueError):
         TrainConfig(strategy="yolo")  # type: ignore[arg-type]
@@ -78,7 +78,7 @@ def test_partial_unfreezes_exactly_the_last_k_stages() -> None:
     assert trainable == {"layer3", "layer4", "fc"}
     assert len(backbone) == sum(1 for n, _ in model.named_parameters()
                                 if n.startswith(("layer3", "layer4")))
-    with pytest.raises(ValueError, match="out of range.*6 stages"):
+    with pytest.raises(ValueError, match=r"out of range.*6 stages"):
         apply_strategy(model, "partial", unfreeze_stages=7)
     before = _snapshot(model)
     cfg = TrainConfig(strategy="partial", unfreeze_stages=2, lr=0.1, backbone_lr=0.1)
