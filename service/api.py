@@ -58,6 +58,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 RETRY_AFTER_S = 1
 
 
@@ -312,7 +313,7 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
 
     async def predict_inputs(request: Request) -> list[tuple[str | None, bytes]]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
+        if ctype in FORM_TYPES:
             files, _ = await read_form(request)
             return files
         if ctype == "application/json":
@@ -433,7 +434,7 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
                                 "items": {"type": "string", "format": "binary"}}}}}}}})
     async def add_labels(request: Request) -> schemas.LabelsPublic:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "multipart/form-data":
+        if ctype not in FORM_TYPES:
             raise ApiError(415, "unsupported_media_type",
                            "send multipart/form-data with fields 'label' and 'files'")
         files, fields = await read_form(request)
