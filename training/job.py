@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from training.config import GateConfig, TrainConfig
 from training.dataset import DatasetStore, DatasetTooSmall, Item
 from training.engine import EpochStats, ImageFileDataset, evaluate
+from training.features import ensure_resized, feature_key
 from training.jobs import JobStore
 from training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from training.model import build_model
@@ -139,10 +140,17 @@ def run_job(home: Path, cfg: TrainConfig, job_id: str | None = None, source: str
         class_index = {c: i for i, c in enumerate(data.classes)}
         cancel_path = jobs.cancel_path(job_id)
         progress_path = jobs.root / f"{job_id}.progress.json"
+        preset = EvalPreset.for_size(cfg.image_size)
+        files = ensure_resized(data.train + data.val, home / "cache", preset.resize)
         loop_config = {
             "train": cfg.model_dump(), "backbone": choice.name, "classes": data.classes,
-            "train_samples": [(str(i.path), class_index[i.label]) for i in data.train],
-            "val_samples": [(str(i.path), class_index[i.label]) for i in data.val],
+            "train_samples": [(str(files[i.sha256]), class_index[i.label]) for i in data.train],
+            "val_samples": [(str(files[i.sha256]), class_index[i.label]) for i in data.val],
+            "train_shas": [i.sha256 for i in data.train],
+            "val_shas": [i.sha256 for i in data.val],
+            "preset": preset.to_dict(),
+            "feature_key": feature_key(choice.name, choice.weights_origin, preset),
+            "feature_cache_root": str(home / "cache"),
             "cache_dir": str(home / "cache" / "torch"), "cancel_path": str(cancel_path),
             "progress_path": str(progress_path),
         }

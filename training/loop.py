@@ -1,13 +1,15 @@
 """The Ray Train per-worker loop: glue in numbered steps. The work is in `training.engine`.
 
-Each worker: (1) seeds and threads, (2) data loaders (the train loader sharded by Ray's
-DistributedSampler; every worker validates on the whole validation split, so val metrics are
-exact and identical on every rank), (3) the model, wrapped by `prepare_model` (DDP when there is
-more than one worker), (4) resume from `ray.train.get_checkpoint()` when Ray restarted the group
-after a failure, (5) per epoch: train, reduce train metrics across workers, validate, report
-(rank 0 attaches the checkpoint). Rank 0 also writes the job's progress file, which the CLI and
-the service read while the job runs. A cancel file is polled every step and agreed on by all
-ranks (all-reduce), so the group stops together.
+Each worker: (1) seeds and threads; (2) the model; (3) data loaders (the train loader sharded
+by Ray's DistributedSampler; every worker validates on the whole validation split, so val
+metrics are exact and identical on every rank) and the trained module wrapped by
+`prepare_model` (DDP when there is more than one worker): the whole network, or in
+feature-extract without augmentation only the head, trained on cached backbone features;
+(4) resume from `ray.train.get_checkpoint()` when Ray restarted the group after a failure;
+(5) per epoch: train, reduce train metrics across workers, validate, report (rank 0 attaches
+the checkpoint). Rank 0 also writes the job's progress file, which the CLI and the service read
+while the job runs. A cancel file is polled every step and agreed on by all ranks
+(all-reduce), so the group stops together.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from training.config import TrainConfig
 from training.dataset import write_file_atomic
@@ -34,6 +36,9 @@ from training.engine import (
     train_one_epoch,
     warmup_steps,
 )
+from training.features import FeatureCache, compute_features
+from training.model import head_module, split_head
+from training.presets import EvalPreset
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -97,26 +102,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    # 2. Data.
-    train_ds, val_ds, _ = make_datasets(config["train_samples"], config["val_samples"], cfg)
+    # 2. Model.
+    device = ray.train.torch.get_device()
+    num_classes = len(config["classes"])
+    full, backbone_params, head_params = prepare_model(
+        cfg, config["backbone"], num_classes, cache_dir=Path(config["cache_dir"]))
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        full = full.to(memory_format=torch.channels_last)
+    use_features = (cfg.strategy == "feature-extract" and not cfg.augment
+                    and cfg.use_feature_cache)
+
+    # 3. Data: image loaders, or (feature-extract without augmentation) the frozen backbone's
+    # cached features, computed here for images not seen before, split across the workers.
+    train_ds: Dataset
+    val_ds: Dataset
+    if use_features:
+        train_ds, val_ds = _feature_datasets(config, full, device, channels_last, ctx)
+        full.to(device)
+        net = ray.train.torch.prepare_model(head_module(full))
+        channels_last = False  # the head takes (N, D) features
+    else:
+        train_ds, val_ds, _ = make_datasets(config["train_samples"], config["val_samples"], cfg)
+        net = ray.train.torch.prepare_model(full)
+
     def loader(ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle,
-                          num_workers=cfg.num_data_workers,
-                          persistent_workers=cfg.num_data_workers > 0)
+        workers = 0 if use_features else cfg.num_data_workers
+        return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=workers,
+                          persistent_workers=workers > 0)
 
     train_loader = ray.train.torch.prepare_data_loader(loader(train_ds, True))
     val_loader = ray.train.torch.prepare_data_loader(loader(val_ds, False),
                                                      add_dist_sampler=False)
-    num_classes = len(config["classes"])
-
-    # 3. Model.
-    model, backbone_params, head_params = prepare_model(
-        cfg, config["backbone"], num_classes, cache_dir=Path(config["cache_dir"]))
-    device = ray.train.torch.get_device()
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(backbone_params, head_params, cfg)
     steps = len(train_loader)
@@ -130,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device,
                                weights_only=True)
-        unwrap(model).load_state_dict(state["model"])
+        full.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
@@ -151,13 +168,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 raise _Cancelled
 
         try:
-            tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
+            tr = train_one_epoch(net, train_loader, criterion, optimizer, scheduler, device,
                                  cfg.amp, channels_last, on_step)
         except _Cancelled:
             return
         loss_sum, correct, count = _all_reduce_sum(
             [tr.loss * tr.count, tr.accuracy * tr.count, float(tr.count)])
-        va = evaluate(unwrap(model), val_loader, criterion, device, num_classes, cfg.amp,
+        va = evaluate(unwrap(net), val_loader, criterion, device, num_classes, cfg.amp,
                       channels_last)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / count,
                    "train_accuracy": correct / count, "val_loss": va.loss,
@@ -170,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({"model": unwrap(model).state_dict(),
+                torch.save({"model": full.state_dict(),
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                             "history": history, "confusion": va.confusion},
@@ -181,3 +198,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 class _Cancelled(Exception):
     pass
+
+
+def _feature_datasets(config: dict[str, Any], full: nn.Module, device: torch.device,
+                      channels_last: bool, ctx: Any) -> tuple[TensorDataset, TensorDataset]:
+    """Backbone features for the train and val samples, from the cache; each rank computes its
+    share of the missing ones, then all ranks wait for each other (all-reduce as a barrier)."""
+    cache = FeatureCache(Path(config["feature_cache_root"]), config["feature_key"])
+    preset = EvalPreset.from_dict(config["preset"])
+    files = {sha: Path(path) for (path, _), sha in zip(
+        config["train_samples"] + config["val_samples"],
+        config["train_shas"] + config["val_shas"], strict=True)}
+    missing = cache.missing(sorted(files))
+    mine = missing[ctx.get_world_rank()::ctx.get_world_size()]
+    if mine:
+        extractor, _ = split_head(full)
+        compute_features(extractor.to(device), [(s, files[s]) for s in mine], preset, cache,
+                         device, channels_last=channels_last)
+        del extractor
+    _all_reduce_sum([float(len(mine))])
+
+    def tensors(samples: list, shas: list[str]) -> TensorDataset:
+        return TensorDataset(cache.get_many(shas),
+                             torch.tensor([label for _, label in samples], dtype=torch.long))
+
+    return (tensors(config["train_samples"], config["train_shas"]),
+            tensors(config["val_samples"], config["val_shas"]))

@@ -150,3 +150,24 @@ def test_gate_decisions() -> None:
     assert gate(0.8, 0.9, True, strict)[0] is False
     assert gate(0.9, 0.9, True, strict)[0] is True
     assert gate(0.85, 0.9, True, GateConfig(max_regression=0.1))[0] is True
+
+
+def test_feature_cache_runs_the_backbone_only_on_new_images(tmp_path: Path,
+                                                            ray_cluster: None) -> None:
+    _fill(tmp_path, per_label=10)
+    cfg = _cfg(epochs=3, augment=False, workers=2, lr=0.1)
+    first = run_job(tmp_path, cfg)
+    assert first["status"] == "succeeded", first
+    feature_dirs = list((tmp_path / "cache" / "features").iterdir())
+    assert len(feature_dirs) == 1
+    cached = {p.name: p.stat().st_mtime_ns for p in feature_dirs[0].iterdir()}
+    assert len(cached) == 20
+    store = DatasetStore(tmp_path)
+    for label, data in labelled_set(["red", "blue"], 2, seed=5):
+        store.ingest(data, label)
+    second = run_job(tmp_path, cfg)
+    assert second["status"] == "succeeded", second
+    after = {p.name: p.stat().st_mtime_ns for p in feature_dirs[0].iterdir()}
+    assert len(after) == 24
+    assert all(after[name] == mtime for name, mtime in cached.items())  # none recomputed
+    assert first["metrics"][-1]["val_accuracy"] >= 0.5
