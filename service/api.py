@@ -214,6 +214,12 @@ class RequestGuard:
             await too_large(scope, receive, send)
 
 
+def job_records(jobs: JobStore) -> list[dict[str, Any]]:
+    """Job records, newest first. `JobStore.list` also returns the `<id>.progress.json` files
+    that share its folder; only records with an id and a status are jobs."""
+    return [r for r in jobs.list() if "job_id" in r and "status" in r]
+
+
 def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
                controller: ControllerClient) -> FastAPI:
     home = Path(settings.home).resolve()
@@ -253,6 +259,12 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         return error_response(exc.status_code, codes.get(exc.status_code, "error"),
                               str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); "
+                              "the service log has the details")
 
     def domain_error(exc: Exception) -> ApiError:
         """Exceptions of the training contract carry `.status` and `.code`."""
@@ -364,7 +376,7 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
         except Exception:
             log.warning("metrics: classifier status unavailable", exc_info=True)
         counts: dict[str, int] = {}
-        for record in await asyncio.to_thread(jobs.list):
+        for record in await asyncio.to_thread(job_records, jobs):
             counts[record.get("status", "?")] = counts.get(record.get("status", "?"), 0) + 1
         metrics.jobs.clear()
         for status, n in counts.items():
@@ -514,7 +526,7 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
     async def list_jobs(limit: int = Query(100, ge=1, le=10_000)) -> schemas.JobsPublic:
         def views() -> list[dict[str, Any]]:
             return [job_view(jobs, r["job_id"]) if r.get("status") == "running" else r
-                    for r in jobs.list()[:limit]]
+                    for r in job_records(jobs)[:limit]]
         return schemas.JobsPublic(jobs=[schemas.JobPublic.model_validate(r)
                                         for r in await asyncio.to_thread(views)])
 

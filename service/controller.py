@@ -47,7 +47,7 @@ class InvalidTrainRequest(ValueError):
 def new_since_last_job(store: DatasetStore, jobs: JobStore) -> int:
     """Images added or relabelled since the newest job that started training (promoted or not,
     so a rejected candidate does not retrigger the schedule)."""
-    for record in jobs.list():
+    for record in jobs.list():  # progress files listed among them carry no ledger_offset
         offset = record.get("ledger_offset")
         if offset is not None:
             return store.new_since(int(offset))
@@ -201,7 +201,8 @@ class TrainingController:
         runs = self.home / "runs"
         if not runs.is_dir():
             return []
-        finished = [r["job_id"] for r in self.jobs.list() if r.get("status") not in ACTIVE]
+        finished = [r["job_id"] for r in self.jobs.list()
+                    if "job_id" in r and r.get("status") not in ACTIVE]
         removed = []
         for job_id in finished[self.settings.keep_versions:]:
             path = runs / job_id

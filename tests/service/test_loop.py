@@ -1,0 +1,160 @@
+"""The whole loop on a real Ray cluster (2 logical CPUs) with 2 classifier replicas: v0 answers,
+labels go in, a 2-worker training job runs while the service serves (Serve actors take 0 CPUs),
+a second start is refused (409), the new version is promoted and answers with no failed request
+across the swap, activate rolls back on every replica, and the schedule fires once enough new
+labels arrived and not before."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningService, noisy_image, start_service, wait_for
+
+pytestmark = pytest.mark.slow
+
+MIN_NEW = 30
+RED, BLUE = (220, 30, 30), (30, 30, 220)
+
+
+@pytest.fixture(scope="module")
+def svc(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    home = tmp_path_factory.mktemp("loop-home")
+    yield start_service(home, classifier_replicas=2, retrain_schedule="* * * * * */2",
+                        retrain_min_new=MIN_NEW, reload_poll_s=0.5)
+
+
+def upload(c: httpx.Client, label: str, color: tuple[int, int, int], seeds: range) -> None:
+    seeds_list = list(seeds)
+    for i in range(0, len(seeds_list), 8):
+        r = c.post("/v1/labels", data={"label": label},
+                   files=[("files", (f"{s}.png", noisy_image(s, color)))
+                          for s in seeds_list[i:i + 8]])
+        assert r.status_code == 200, r.text
+
+
+def replica_versions(svc: RunningService) -> list[str]:
+    return httpx.get(f"{svc.url}/readyz", timeout=10).json()["model_versions"]
+
+
+class Hammer:
+    """A client predicting in a loop; records every status and version it saw."""
+
+    def __init__(self, svc: RunningService):
+        self.svc, self.stop = svc, threading.Event()
+        self.failures: list[str] = []
+        self.versions: list[str] = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        data = noisy_image(12345, RED)
+        with self.svc.client(token=None) as c:
+            while not self.stop.is_set():
+                try:
+                    r = c.post("/v1/predict", files=[("files", ("x.png", data))])
+                    if r.status_code != 200:
+                        self.failures.append(f"{r.status_code} {r.text[:200]}")
+                    else:
+                        self.versions.append(r.json()["model_version"])
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                time.sleep(0.05)
+
+    def __enter__(self) -> Hammer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def test_full_loop(svc: RunningService) -> None:
+    assert replica_versions(svc) == ["v0", "v0"]
+    with svc.client() as c:
+        r = c.post("/v1/predict", files=[("files", ("r.png", noisy_image(0, RED)))])
+        assert r.json()["model_version"] == "v0"
+        upload(c, "red", RED, range(0, 12))
+        upload(c, "blue", BLUE, range(100, 112))
+        assert c.get("/v1/dataset").json() == {"labels": {"blue": 12, "red": 12}, "total": 24,
+                                               "new_since_last_job": 24}
+        with Hammer(svc) as hammer:
+            r = c.post("/v1/train", json={"epochs": 2, "workers": 2, "image_size": 64,
+                                          "batch_size": 8, "augment": False})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            assert r.json()["status"] == "queued"
+            second = c.post("/v1/train", json={"epochs": 1})
+            assert second.status_code == 409 and second.json()["error"]["code"] == "job_running"
+
+            seen: list[dict[str, Any]] = []
+
+            def finished() -> bool:
+                job = c.get(f"/v1/train/{job_id}").json()
+                seen.append(job)
+                return job["status"] in ("succeeded", "failed", "cancelled")
+
+            wait_for(finished, timeout=300, interval=0.5, what="the training job")
+            job = seen[-1]
+            assert job["status"] == "succeeded", job
+            assert any(s["status"] == "running" for s in seen)
+            assert job["version"] == "v1" and job["promoted"] is True, job
+            assert [m["epoch"] for m in job["metrics"]][-1] == 2
+            assert job["progress"]["fraction"] == 1.0
+            assert {"train_loss", "val_accuracy"} <= set(job["metrics"][-1])
+            wait_for(lambda: replica_versions(svc) == ["v1", "v1"], timeout=60,
+                     what="both replicas on v1")
+            time.sleep(1.0)  # some requests after the swap too
+        assert not hammer.failures, hammer.failures[:5]
+        assert "v0" in hammer.versions and hammer.versions[-1] == "v1"
+
+        r = c.post("/v1/predict", files=[("files", ("b.png", noisy_image(999, BLUE)))])
+        body = r.json()
+        assert body["model_version"] == "v1" and r.headers["x-model-version"] == "v1"
+        assert {t["label"] for t in body["predictions"][0]["top_k"]} == {"red", "blue"}
+        models = c.get("/v1/models").json()
+        assert models["current"] == "v1"
+        v1 = models["versions"][-1]
+        assert v1["classes"] == ["blue", "red"] and v1["val_accuracy"] is not None
+        assert c.get("/v1/models/v1/plots/curves.png").headers["content-type"] == "image/png"
+        assert c.get("/v1/dataset").json()["new_since_last_job"] == 0
+
+
+def test_activate_rolls_back_on_every_replica(svc: RunningService) -> None:
+    with svc.client() as c:
+        r = c.post("/v1/models/v0/activate")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"current": "v0", "replicas": ["v0", "v0"]}
+        versions = {c.post("/v1/predict", files=[("files", ("x.png", noisy_image(i, RED)))]
+                           ).json()["model_version"] for i in range(12)}
+        assert versions == {"v0"}
+        assert c.post("/v1/models/v1/activate").json()["replicas"] == ["v1", "v1"]
+        assert c.get("/v1/models").json()["current"] == "v1"
+
+
+def test_schedule_fires_once_enough_new_labels(svc: RunningService) -> None:
+    with svc.client() as c:
+        upload(c, "red", RED, range(200, 200 + MIN_NEW - 1))
+        time.sleep(5)  # at least two ticks of "*/2 s" with too few new labels
+        assert len(c.get("/v1/train").json()["jobs"]) == 1
+        upload(c, "blue", BLUE, range(300, 301))
+
+        def scheduled() -> dict[str, Any] | None:
+            jobs = c.get("/v1/train").json()["jobs"]
+            return jobs[0] if len(jobs) == 2 else None
+
+        job = wait_for(scheduled, timeout=30, what="a scheduled job")
+        assert job["source"] == "schedule"
+        r = c.delete(f"/v1/train/{job['job_id']}")
+        assert r.status_code == 202
+        wait_for(lambda: c.get(f"/v1/train/{job['job_id']}").json()["status"]
+                 in ("cancelled", "succeeded", "failed"), timeout=240, what="cancel")
+        final = c.get(f"/v1/train/{job['job_id']}").json()
+        assert final["status"] == "cancelled", final
+        time.sleep(3)  # the schedule does not fire again for the same labels
+        assert len(c.get("/v1/train").json()["jobs"]) == 2
