@@ -28,7 +28,7 @@
 set -euo pipefail
 
 log() { printf '[visionloop-node] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit "${2:-64}"; }
+die() { log "error: $1"; exit "${2:-64}"; }
 
 require_uint() { # NAME VALUE
   [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
@@ -48,8 +48,28 @@ check_common() {
   fi
 }
 
+# The service's own settings check, run before Ray starts so that a bad VISIONLOOP_* value
+# stops the container within seconds, its message the last thing in the log. `visionloop up`
+# checks again (the authority); where the package has no such function this check is skipped.
+check_service_settings() {
+  python - <<'PY' || die "invalid settings (above); fix them in .env or the environment" 78
+import sys
+
+try:
+    from service.settings import SettingsError, load_settings
+except ImportError:
+    sys.exit(0)
+try:
+    load_settings()
+except SettingsError as exc:
+    print(f"visionloop: {exc}", file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
 run_head() {
   check_common
+  check_service_settings
   local port="${VISIONLOOP_PORT:-8000}" cpus="${VISIONLOOP_HEAD_NUM_CPUS:-0}"
   require_uint VISIONLOOP_PORT "$port"
   require_uint VISIONLOOP_HEAD_NUM_CPUS "$cpus"
@@ -71,7 +91,9 @@ run_head() {
   local child rc
   RAY_ADDRESS="${RAY_ADDRESS:-auto}" visionloop up --host 0.0.0.0 --port "$port" &
   child=$!
-  trap 'log "stopping (signal)"; kill -TERM "$child" 2>/dev/null || true' TERM INT
+  # Forwarded as SIGINT: `ray.init` replaces a driver's SIGTERM handler with a plain exit, while
+  # the CLI's SIGINT handler survives and shuts Serve down gracefully.
+  trap 'log "stopping: asking visionloop up to shut Serve down"; kill -INT "$child" 2>/dev/null || true' TERM INT
   rc=0
   # `wait` returns early when a trapped signal arrives; keep waiting until the child is gone.
   while :; do
