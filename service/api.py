@@ -271,7 +271,7 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
         if isinstance(exc, (ImageError, InvalidLabel, VolumeFull, PredictionNotFound)):
             return ApiError(exc.status, exc.code, str(exc))
         if isinstance(exc, VersionNotFound):
-            return ApiError(404, "version_not_found", str(exc).strip("'\""))
+            return ApiError(404, "version_not_found", str(exc.args[0] if exc.args else exc))
         if isinstance(exc, InvalidVersion):
             return ApiError(500, "invalid_version", str(exc))
         if isinstance(exc, JobNotFound):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -64,9 +65,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     settings, token_file = prepare_home(load_settings(**overrides))
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+
     init_ray(settings.ray_num_cpus)
+    # After ray.init, which installs its own fatal-signal handler for SIGTERM (abort + core).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     url = f"http://{settings.host}:{settings.port}"
@@ -229,7 +235,10 @@ def cmd_import(args: argparse.Namespace) -> int:
                            "DIR/<label>/<image>)")
         files = iter_imagefolder(Path(args.source))
         source = "import"
-    report = store.ingest_many(files, source)
+    try:
+        report = store.ingest_many(files, source)
+    except (OSError, pickle.UnpicklingError, KeyError) as exc:
+        raise CliError(f"cannot read {args.source}: {type(exc).__name__}: {exc}") from None
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     print(report.summary())
