@@ -80,7 +80,9 @@ run_head() {
   fi
 
   log "starting the Ray head (GCS :6379, ${cpus} logical CPU(s) offered to Ray, dashboard :8265)"
-  ray start --head --port=6379 --num-cpus="$cpus" \
+  # RAY_ADDRESS (compose sets `auto` for `docker compose exec head visionloop ...`) is for the
+  # processes that join this cluster, not for the command that starts it.
+  env -u RAY_ADDRESS ray start --head --port=6379 --num-cpus="$cpus" \
     --object-store-memory="$OBJECT_STORE" \
     --include-dashboard=true --dashboard-host=0.0.0.0 --dashboard-port=8265 \
     --resources='{"visionloop_head": 1}' --disable-usage-stats \
@@ -91,8 +93,9 @@ run_head() {
   local child rc
   RAY_ADDRESS="${RAY_ADDRESS:-auto}" visionloop up --host 0.0.0.0 --port "$port" &
   child=$!
-  # Forwarded as SIGINT: `ray.init` replaces a driver's SIGTERM handler with a plain exit, while
-  # the CLI's SIGINT handler survives and shuts Serve down gracefully.
+  # Forwarded as SIGINT: `ray.init` replaces a driver's SIGTERM handler with a plain exit; a CLI
+  # that re-installs its handlers after ray.init stops gracefully on either, older ones only on
+  # SIGINT, so SIGINT works with both.
   trap 'log "stopping: asking visionloop up to shut Serve down"; kill -INT "$child" 2>/dev/null || true' TERM INT
   rc=0
   # `wait` returns early when a trapped signal arrives; keep waiting until the child is gone.
