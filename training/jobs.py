@@ -91,6 +91,8 @@ class JobStore:
         """All records, newest first."""
         out = []
         for p in self.root.glob("*.json"):
+            if p.name.endswith(".progress.json"):
+                continue  # a running job's progress file, not a record
             try:
                 out.append(json.loads(p.read_text()))
             except (OSError, json.JSONDecodeError):

@@ -123,6 +123,7 @@ class Registry:
 
     def load(self, version: str, device: str | torch.device = "cpu") -> LoadedModel:
         """Rebuild the model from the manifest alone and load its weights (safetensors)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         manifest = self.manifest(version)
@@ -132,7 +133,7 @@ class Registry:
             state = load_file(str(self.version_dir(version) / WEIGHTS), device=str(device))
             model.load_state_dict(state, strict=True)
             preset = EvalPreset.from_dict(manifest["preprocessing"])
-        except (KeyError, OSError, RuntimeError, ValueError) as exc:
+        except (KeyError, OSError, RuntimeError, ValueError, SafetensorError) as exc:
             raise InvalidVersion(f"{version}: cannot load: {type(exc).__name__}: {exc}") from None
         model.to(device).eval()
         return LoadedModel(version, model, preset, classes, manifest)
