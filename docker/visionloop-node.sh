@@ -126,7 +126,9 @@ run_worker() {
 
   log "waiting for the Ray head at $head (up to ${wait_s} s)"
   local deadline=$((SECONDS + wait_s))
-  until ray health-check --address "$head" --skip-version-check >/dev/null 2>&1; do
+  # A TCP connect through bash, not `ray health-check` (that imports Ray, ~2 CPU-s a try, while
+  # the head is starting on the same cores); `ray start` below then checks the token itself.
+  until (exec 3<>"/dev/tcp/${head%:*}/${head##*:}") 2>/dev/null; do
     if [ "$SECONDS" -ge "$deadline" ]; then
       die "the Ray head at $head did not answer within ${wait_s} s (RAY_HEAD_ADDRESS, RAY_AUTH_TOKEN)" 69
     fi
