@@ -44,7 +44,7 @@ from service.predictions import PredictionNotFound, PredictionStore, new_predict
 from service.security import AuthError, authorize
 from service.settings import Settings
 from training.dataset import DatasetStore, InvalidLabel, VolumeFull, check_label
-from training.imageio import ImageError, probe_image
+from training.imageio import ImageError, decode_image, probe_image
 from training.job import job_view
 from training.jobs import JobNotFound, JobStore
 from training.registry import InvalidVersion, Registry, VersionNotFound
@@ -316,9 +316,11 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
             raise ApiError(413, "too_many_files",
                            f"{len(files)} files in one request; the limit is {settings.max_files}")
 
-    def probe(name: str | None, data: bytes) -> None:
+    def probe(name: str | None, data: bytes, decode: bool = False) -> None:
+        """Header check; with `decode`, a full decode too (a truncated file passes the header
+        check, and one stored in the dataset would fail every training job)."""
         try:
-            probe_image(data, settings.max_pixels)
+            (decode_image if decode else probe_image)(data, settings.max_pixels)
         except ImageError as exc:
             raise ApiError(exc.status, exc.code,
                            f"{name}: {exc}" if name else str(exc)) from None
@@ -456,7 +458,7 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
             raise domain_error(exc) from None
         check_count(files)
         for name, data in files:  # all checked before any is stored
-            probe(name, data)
+            await asyncio.to_thread(probe, name, data, True)
         results = []
         for _, data in files:
             try:

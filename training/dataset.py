@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
-from training.imageio import DEFAULT_MAX_PIXELS, ImageError, probe_image
+from training.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image, probe_image
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,7 @@ class DatasetStore:
         """
         check_label(label)
         info = probe_image(data, self.max_pixels)
+        decode_image(data, self.max_pixels)  # a truncated file passes the header probe
         sha = sha256_of(data)
         target = self.root / label / f"{sha}.{info.extension}"
         with self._lock:
