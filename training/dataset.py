@@ -15,6 +15,7 @@ images never moves an old image across the split.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -243,12 +244,17 @@ class DatasetStore:
                        source: str) -> None:
         line = json.dumps({"time": time.time(), "event": event, "sha256": sha, "label": label,
                            "old_label": old, "source": source}) + "\n"
+        size = self.ledger_path.stat().st_size if self.ledger_path.exists() else 0
         try:
             with open(self.ledger_path, "a", encoding="utf-8") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
+            # Leave no line (ingest then removes the image it wrote) and no cut line (the next
+            # append would be glued to it). Appends run under the store's lock.
+            with contextlib.suppress(OSError):
+                os.truncate(self.ledger_path, size)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise VolumeFull(exc.errno, f"the data volume is full: {exc.strerror}") from None
             raise
