@@ -28,6 +28,7 @@ from training.config import GateConfig, TrainConfig
 from training.dataset import DatasetStore, DatasetTooSmall, Item
 from training.engine import EpochStats, ImageFileDataset, evaluate
 from training.features import ensure_resized, feature_key
+from training.inference import choose_engine
 from training.jobs import JobStore
 from training.loop import CHECKPOINT_FILE, train_loop_per_worker
 from training.model import build_model
@@ -226,6 +227,7 @@ def _publish(home: Path, registry: Registry, jobs: JobStore, job_id: str, cfg: T
     best_epoch = int(state["epoch"])
     version, staging = registry.allocate()
     try:
+        inference = choose_engine(candidate, staging, preset.crop)
         plot_curves(history, staging / "curves.png")
         plot_confusion(cand_stats.confusion, data.classes, staging / "confusion.png")
         manifest = {
@@ -246,7 +248,7 @@ def _publish(home: Path, registry: Registry, jobs: JobStore, job_id: str, cfg: T
                           "gate": cfg.gate.model_dump()},
             "parent": current, "job_id": job_id, "created_at": time.time(),
             "software": software_versions(), "plots": ["curves", "confusion"],
-            "inference": {"engine": "eager", "device": "cpu"},
+            "inference": inference,
         }
         data_list = {"train": [[i.sha256, i.label] for i in data.train],
                      "val": [[i.sha256, i.label] for i in data.val]}

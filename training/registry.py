@@ -32,6 +32,7 @@ from filelock import FileLock
 from torch import nn
 
 from training.dataset import fsync_dir, write_file_atomic
+from training.inference import ONNX_FILE, OnnxModule, choose_engine, onnxruntime_available
 from training.model import BackboneChoice, build_model, imagenet_categories, resolve_backbone
 from training.presets import EvalPreset
 
@@ -121,8 +122,12 @@ class Registry:
         except (OSError, json.JSONDecodeError) as exc:
             raise InvalidVersion(f"{version}: unreadable manifest: {exc}") from None
 
-    def load(self, version: str, device: str | torch.device = "cpu") -> LoadedModel:
-        """Rebuild the model from the manifest alone and load its weights (safetensors)."""
+    def load(self, version: str, device: str | torch.device = "cpu", engine: str = "auto"
+             ) -> LoadedModel:
+        """Rebuild the model from the manifest alone and load its weights (safetensors).
+
+        engine: "auto" runs what the manifest's `inference` record chose (ONNX Runtime on a CPU
+        when it won at publish time and is installed), "eager" always runs PyTorch."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -136,6 +141,14 @@ class Registry:
         except (KeyError, OSError, RuntimeError, ValueError, SafetensorError) as exc:
             raise InvalidVersion(f"{version}: cannot load: {type(exc).__name__}: {exc}") from None
         model.to(device).eval()
+        chosen = (manifest.get("inference") or {}).get("engine", "eager")
+        onnx_path = self.version_dir(version) / ONNX_FILE
+        if (engine == "auto" and chosen == "onnxruntime" and torch.device(device).type == "cpu"
+                and onnx_path.exists() and onnxruntime_available()):
+            try:
+                model = OnnxModule(onnx_path)
+            except Exception as exc:  # onnxruntime raises its own types on a corrupt graph
+                raise InvalidVersion(f"{version}: cannot load {ONNX_FILE}: {exc}") from None
         return LoadedModel(version, model, preset, classes, manifest)
 
     # -- writing -------------------------------------------------------------------------------
@@ -177,7 +190,7 @@ class Registry:
         write_file_atomic(self.current_path, (version + "\n").encode())
         log.info("CURRENT -> %s", version)
 
-    def update_manifest(self, version: str, **fields: Any) -> None:
+    def update_manifest(self, version: str, /, **fields: Any) -> None:
         path = self.version_dir(version) / MANIFEST
         manifest = json.loads(path.read_text())
         manifest.update(fields)
@@ -243,7 +256,10 @@ class Registry:
         if version != "v0":  # another process published first
             shutil.rmtree(staging)
             return None
+        model.eval()
+        inference = choose_engine(model, staging, preset.crop)
         manifest = {
+            "inference": inference,
             "backbone": choice.name, "weights_origin": choice.weights_origin,
             "backbone_reason": choice.reason, "classes": imagenet_categories(),
             "preprocessing": preset.to_dict(), "training_config": None,

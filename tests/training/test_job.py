@@ -81,12 +81,16 @@ def test_two_worker_job_publishes_a_version_that_rebuilds_from_its_manifest(
     reference = build_model("efficientnet_lite0", 2, pretrained=False)
     reference.load_state_dict(state["model"])
     reference.eval()
-    loaded = registry.load("v1")
+    loaded = registry.load("v1", engine="eager")
     items = DatasetStore(tmp_path).items()[:6]
     ds = ImageFileDataset([(str(i.path), 0) for i in items], loaded.preset)
     x = torch.stack([ds[k][0] for k in range(len(ds))])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), reference(x))
+        # The engine chosen at publish time (ONNX Runtime when it measured faster) agrees.
+        served = registry.load("v1")
+        assert manifest["inference"]["engine"] in ("eager", "onnxruntime")
+        torch.testing.assert_close(served.model(x), reference(x), atol=1e-3, rtol=1e-3)
 
     # A candidate worse than the current model is published but not promoted.
     worse = run_job(tmp_path, _cfg(epochs=1, lr=1e-7, workers=1,

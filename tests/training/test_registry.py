@@ -36,9 +36,18 @@ def test_version_zero_is_the_pretrained_imagenet_classifier(tmp_path: Path) -> N
     assert registry.current() == "v0"
     loaded = registry.load("v0")
     assert len(loaded.classes) == 1000 and loaded.classes[285] == "Egyptian cat"
-    x = torch.zeros(1, 3, 224, 224)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    eager = registry.load("v0", engine="eager")
     with torch.no_grad():
-        assert loaded.model(x).shape == (1, 1000)
+        assert loaded.model(x).shape == (2, 1000)
+        torch.testing.assert_close(loaded.model(x), eager.model(x), atol=1e-3, rtol=1e-3)
+    inference = loaded.manifest["inference"]
+    # The engine was chosen by measurement when v0 was published, and says why.
+    assert inference["engine"] in ("eager", "onnxruntime") and inference["reason"]
+    if inference["engine"] == "onnxruntime":
+        assert type(loaded.model).__name__ == "OnnxModule"
+        assert inference["onnxruntime_images_per_s"] > inference["eager_images_per_s"]
+        assert (registry.version_dir("v0") / "model.onnx").exists()
 
 
 def test_publisher_killed_mid_write_leaves_current_complete(tmp_path: Path) -> None:
