@@ -73,7 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     # After ray.init, which installs its own fatal-signal handler for SIGTERM (abort + core).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    # Only the head publishes the API port (compose, KubeRay): proxies on worker nodes would
+    # serve nobody and keep those nodes from draining.
+    serve.start(proxy_location="HeadOnly",
+                http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     url = f"http://{settings.host}:{settings.port}"
     print(f"visionloop is up at {url}  (API docs: {url}/docs)", flush=True)
