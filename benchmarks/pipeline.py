@@ -17,28 +17,45 @@ import argparse
 import io
 import multiprocessing as mp
 import os
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import percentiles, photo_jpegs, write_results
+from training.inference import onnxruntime_available
 
 MODEL = "efficientnet_lite0"
 
 _state: dict[str, Any] = {}
 
 
-def _init_worker(threads: int, engine: str = "eager") -> None:
+def _init_worker(threads: int, engine: str = "eager", onnx_path: str | None = None) -> None:
     torch.set_num_threads(threads)
+    from training.inference import OnnxModule
     from training.model import build_model
     from training.presets import EvalPreset
 
-    model = build_model(MODEL, num_classes=None, pretrained=True).eval()
-    if engine == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
+    model: torch.nn.Module
+    if engine == "onnxruntime":
+        assert onnx_path is not None
+        model = OnnxModule(Path(onnx_path), threads=threads)
+    else:
+        model = build_model(MODEL, num_classes=None, pretrained=True).eval()
     _state.update(model=model, preset=EvalPreset(), engine=engine)
+
+
+def export_model(folder: Path) -> str:
+    """efficientnet_lite0 (v0) as ONNX, for the onnxruntime layouts."""
+    from training.inference import export_onnx
+    from training.model import build_model
+
+    path = folder / "model.onnx"
+    export_onnx(build_model(MODEL, num_classes=None, pretrained=True), path, 224)
+    return str(path)
 
 
 def _run_batch(batch: Sequence[bytes]) -> int:
@@ -47,34 +64,35 @@ def _run_batch(batch: Sequence[bytes]) -> int:
 
     preset = _state["preset"]
     x = torch.stack([preset(decode_image(b, draft_size=preset.resize)) for b in batch])
-    if _state["engine"] == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         _state["model"](x).softmax(1)
     return len(batch)
 
 
 def pipeline_throughput(jpegs: list[bytes], processes: int, threads: int, batch: int,
+                        engine: str = "eager", onnx_path: str | None = None,
                         rounds: int = 2) -> float:
     """images/s of the full pipeline with `processes` x `threads`, after a warm-up round."""
     batches = [jpegs[i:i + batch] for i in range(0, len(jpegs), batch)]
+    init = (threads, engine, onnx_path)
     if processes == 1:
-        _init_worker(threads)
+        _init_worker(*init)
         for b in batches[:2]:
             _run_batch(b)
         start = time.perf_counter()
         done = sum(_run_batch(b) for _ in range(rounds) for b in batches)
         return done / (time.perf_counter() - start)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(processes, initializer=_init_worker, initargs=(threads,)) as pool:
+    with ctx.Pool(processes, initializer=_init_worker, initargs=init) as pool:
         pool.map(_run_batch, batches[: processes * 2], chunksize=1)
         start = time.perf_counter()
         done = sum(pool.map(_run_batch, batches * rounds, chunksize=1))
         return done / (time.perf_counter() - start)
 
 
-def latency_batch1(jpegs: list[bytes], threads: int, n: int = 40) -> dict[str, float]:
-    _init_worker(threads)
+def latency_batch1(jpegs: list[bytes], threads: int, engine: str = "eager",
+                   onnx_path: str | None = None, n: int = 40) -> dict[str, float]:
+    _init_worker(threads, engine, onnx_path)
     for b in jpegs[:3]:
         _run_batch([b])
     samples = []
@@ -85,21 +103,26 @@ def latency_batch1(jpegs: list[bytes], threads: int, n: int = 40) -> dict[str, f
     return percentiles(samples)
 
 
-def best_layout(jpegs: list[bytes], quick: bool = False) -> tuple[list[dict[str, Any]],
-                                                                  dict[str, Any]]:
+def best_layout(jpegs: list[bytes], onnx_path: str | None, quick: bool = False
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Sweep processes x threads x batch (x engine); the first row is the baseline."""
     cpus = os.cpu_count() or 1
-    layouts = [(1, cpus, 1), (1, cpus, 16), (1, 1, 16)]
+    layouts = [(1, cpus, 1, "eager"), (1, cpus, 16, "eager")]
     if cpus > 1:
-        layouts += [(cpus, 1, 1), (cpus, 1, 8), (cpus, 1, 16)]
+        layouts += [(cpus, 1, 1, "eager"), (cpus, 1, 16, "eager")]
+    if onnx_path:
+        layouts += [(1, cpus, 16, "onnxruntime")]
+        if cpus > 1:
+            layouts += [(cpus, 1, 1, "onnxruntime"), (cpus, 1, 8, "onnxruntime")]
     if not quick:
-        layouts += [(1, cpus, 32)]
+        layouts += [(1, 1, 16, "eager"), (cpus, 1, 8, "eager")]
     rows = []
     base = None
-    for p, t, b in layouts:
-        ips = pipeline_throughput(jpegs, p, t, b)
+    for p, t, b, engine in layouts:
+        ips = pipeline_throughput(jpegs, p, t, b, engine, onnx_path)
         base = base or ips
-        rows.append({"section": "layout", "processes": p, "threads": t, "batch": b,
-                     "images_per_s": round(ips, 1), "ratio": round(ips / base, 2)})
+        rows.append({"section": "layout", "engine": engine, "processes": p, "threads": t,
+                     "batch": b, "images_per_s": round(ips, 1), "ratio": round(ips / base, 2)})
         print(rows[-1], flush=True)
     best = max(rows, key=lambda r: r["images_per_s"])
     return rows, best
@@ -221,14 +244,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = decode_rows(jpegs)
     if not args.quick:
         rows += engine_rows()
-    layout, best = best_layout(jpegs, args.quick)
-    rows += layout
-    lat = {t: latency_batch1(jpegs, t) for t in sorted({1, os.cpu_count() or 1})}
-    for t, p in lat.items():
-        rows.append({"section": "latency (batch 1, in-process)", "threads": t, **p})
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_model(Path(tmp)) if onnxruntime_available() else None
+        layout, best = best_layout(jpegs, onnx_path, args.quick)
+        rows += layout
+        engines = ["eager"] + (["onnxruntime"] if onnx_path else [])
+        lat = {e: latency_batch1(jpegs, 1, e, onnx_path) for e in engines}
+    for e, p in lat.items():
+        rows.append({"section": "latency (batch 1, 1 thread, in-process)", "engine": e, **p})
     write_results("pipeline", {"best_layout": best, "latency_batch1": lat}, rows, [
-        f"best in-process layout: {best['processes']} process(es) x {best['threads']} "
-        f"thread(s), batch {best['batch']}: {best['images_per_s']} images/s",
+        f"best in-process layout: {best['engine']}, {best['processes']} process(es) x "
+        f"{best['threads']} thread(s), batch {best['batch']}: {best['images_per_s']} images/s",
         "ratios: decode = speed-up over Pillow full decode; engine/layout = images/s over the "
         "section's first row",
     ])

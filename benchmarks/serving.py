@@ -35,9 +35,10 @@ from fastapi import FastAPI, File, UploadFile
 from ray import serve
 
 from benchmarks.common import percentiles, photo_jpegs, write_results
-from benchmarks.pipeline import best_layout, latency_batch1
+from benchmarks.pipeline import best_layout, export_model, latency_batch1
+from tests.conftest import free_port, start_service, wait_for
+from training.inference import onnxruntime_available
 
-BACKBONE = "efficientnet_lite0"
 TORCHSERVE_16_CLIENTS = "42-46"
 
 
@@ -88,26 +89,15 @@ def load(url: str, jpegs: list[bytes], clients: int, duration: float | None = No
 
 
 def start(home: Path, **overrides: Any) -> str:
-    from ray import serve
-
-    from service.app import APP_NAME, build_app, prepare_home
-    from service.settings import load_settings
-
-    port = _free_port()
-    settings, _ = prepare_home(load_settings(home=home, backbone=BACKBONE, port=port,
-                                             **overrides))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(url)
-    return url
+    """The real service (the same start-up the tests use), on a free loopback port."""
+    return start_service(home, **overrides).url
 
 
 def start_noop() -> str:
     """The same Serve HTTP path (proxy, FastAPI ingress, multipart parsing), no model."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(NoopIngress.bind(), name="noop", route_prefix="/")  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
@@ -137,23 +127,14 @@ class NoopIngress:
 
 
 def _wait_ready(url: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not become ready")
+    wait_for(lambda: _ready(url), timeout, what=f"{url}/readyz")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def stop() -> None:
@@ -228,11 +209,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     jpegs = photo_jpegs(32)
     rows: list[dict[str, Any]] = []
 
-    # 1. The in-process baseline, measured now.
-    _, best = best_layout(jpegs, quick=True)
-    base_lat = latency_batch1(jpegs, 1)
-    rows.append({"section": "baseline", "layout": f"in-process {best['processes']} proc x "
-                 f"{best['threads']} thr, batch {best['batch']}",
+    # 1. The in-process baseline, measured now, with the engine v0 serves with.
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_model(Path(tmp)) if onnxruntime_available() else None
+        _, best = best_layout(jpegs, onnx_path, quick=True)
+        base_lat = latency_batch1(jpegs, 1, best["engine"], onnx_path)
+    rows.append({"section": "baseline", "layout": f"in-process {best['engine']}, "
+                 f"{best['processes']} proc x {best['threads']} thr, batch {best['batch']}",
                  "clients": "-", "images_per_s": best["images_per_s"], "ratio": 1.0,
                  **base_lat})
 
