@@ -34,7 +34,7 @@ class TrainConfig(BaseModel):
     workers: int = Field(1, ge=1, le=256, description="Ray Train workers (DDP processes)")
     gpu: bool = False
     batch_size: int = Field(32, ge=1, le=4096, description="per worker")
-    lr: float = Field(1e-3, gt=0, le=10, description="head learning rate")
+    lr: float = Field(1e-2, gt=0, le=10, description="head learning rate")
     backbone_lr: float | None = Field(
         None, gt=0, le=10, description="default: lr/10 (finetune, partial)")
     weight_decay: float = Field(1e-4, ge=0, le=1)
@@ -53,7 +53,6 @@ class TrainConfig(BaseModel):
     amp: bool = Field(True, description="mixed precision when on GPU")
     channels_last: bool = Field(True, description="channels_last memory format when on GPU")
     gate: GateConfig = Field(default_factory=lambda: GateConfig.model_validate({}))
-    smoke_test: bool = Field(False, description="tiny data/epochs, for checking the wiring")
 
     @field_validator("backbone")
     @classmethod
