@@ -196,7 +196,7 @@ def test_job_out_of_retries_fails_while_serving_goes_on(svc: RunningService) -> 
         job = _wait_job(c, job_id, timeout=180)
         r = predict(c)
     print(f"\n[train-no-retries] job {job['status']} ({job['reason']}): "
-          f"{(job['error'] or '').splitlines()[0][:100]}; {len(hammer.results)} predictions "
+          f"{(job['error'] or '-').splitlines()[0][:100]}; {len(hammer.results)} predictions "
           f"meanwhile, "
           f"{len(hammer.failures())} failed")
     assert job["status"] == "failed" and job["error"], job
