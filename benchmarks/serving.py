@@ -36,6 +36,7 @@ from ray import serve
 
 from benchmarks.common import percentiles, photo_jpegs, write_results
 from benchmarks.pipeline import best_layout, export_model, latency_batch1
+from service.app import serve_environment
 from tests.conftest import free_port, start_service, wait_for
 from training.inference import onnxruntime_available
 
@@ -202,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=20, help="seconds per 16-client run")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--python-proxy", action="store_true",
+                    help="Serve's Python HTTP proxy instead of HAProxy (the default)")
     args = ap.parse_args(argv)
     import ray
 
@@ -221,16 +224,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     layouts: list[tuple[str, dict[str, Any] | None]] = [
         ("no-op Serve handler", None),
-        (f"{cpus} replicas x 1 thread, batch 16",
+        (f"{cpus} replicas x 1 thread, batch <= 8, no wait",
          {"classifier_replicas": cpus, "classifier_threads": 1}),
         (f"{cpus} replicas x 1 thread, no batching",
          {"classifier_replicas": cpus, "classifier_threads": 1, "max_batch_size": 1}),
-        (f"1 replica x {cpus} threads, batch 16",
+        (f"{cpus} replicas x 1 thread, batch <= 16, 10 ms wait",
+         {"classifier_replicas": cpus, "classifier_threads": 1, "max_batch_size": 16,
+          "batch_wait_s": 0.01}),
+        (f"1 replica x {cpus} threads, batch <= 8, no wait",
          {"classifier_replicas": 1, "classifier_threads": cpus}),
     ]
     if args.quick:
         layouts = layouts[:2]
     results: dict[str, Any] = {"baseline": {"best_layout": best, "latency_batch1": base_lat}}
+    if args.python_proxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    serve_environment()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:

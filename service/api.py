@@ -364,7 +364,13 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
         if not versions or not all(versions):
             raise ApiError(503, "model_not_loaded", "no model loaded yet",
                            {"Retry-After": str(RETRY_AFTER_S)})
-        return {"status": "ready", "model_versions": versions}
+        answer: dict[str, Any] = {"status": "ready", "model_versions": versions}
+        # Still ready (the previous model serves), but say which version failed to load and why.
+        failures = [{"version": s["failed_version"], "error": s.get("last_error")}
+                    for s in statuses if s.get("failed_version")]
+        if failures:
+            answer["load_failures"] = failures
+        return answer
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     async def prometheus() -> Response:

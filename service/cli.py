@@ -43,8 +43,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join RAY_ADDRESS when set (its token from RAY_AUTH_TOKEN), else start a local cluster."""
     import ray
 
+    from service.app import serve_environment
+
     if ray.is_initialized():
         return
+    serve_environment()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)

@@ -54,7 +54,10 @@ def free_port() -> int:
 def ray_cluster() -> Iterator[None]:
     import ray
 
+    from service.app import serve_environment
+
     os.environ.pop("RAY_ADDRESS", None)
+    serve_environment()  # the Serve front end `visionloop up` runs with
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield

@@ -16,6 +16,7 @@ fsync of the folder. A reader never sees a half-written version.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,14 @@ def version_number(version: str) -> int:
     if not m:
         raise VersionNotFound(f"invalid version name {version!r}; expected v0, v1, ...")
     return int(m.group(1))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def software_versions() -> dict[str, str]:
@@ -132,6 +141,7 @@ class Registry:
         from safetensors.torch import load_file
 
         manifest = self.manifest(version)
+        self.verify_checksums(version, manifest)
         try:
             classes = list(manifest["classes"])
             model = build_model(manifest["backbone"], num_classes=len(classes), pretrained=False)
@@ -151,6 +161,18 @@ class Registry:
                 raise InvalidVersion(f"{version}: cannot load {ONNX_FILE}: {exc}") from None
         return LoadedModel(version, model, preset, classes, manifest)
 
+    def verify_checksums(self, version: str, manifest: dict[str, Any]) -> None:
+        """Raise InvalidVersion when a file differs from the checksum recorded at publish."""
+        folder = self.version_dir(version)
+        for name, expected in (manifest.get("checksums") or {}).items():
+            try:
+                actual = file_sha256(folder / name)
+            except OSError as exc:
+                raise InvalidVersion(f"{version}: cannot read {name}: {exc}") from None
+            if actual != expected:
+                raise InvalidVersion(f"{version}: {name} does not match its checksum in the "
+                                     "manifest (corrupted or replaced on disk)")
+
     # -- writing -------------------------------------------------------------------------------
     def allocate(self) -> tuple[str, Path]:
         """Reserve the next version number -> (name, staging folder). Safe across processes."""
@@ -169,12 +191,16 @@ class Registry:
         """Write weights + manifest (+ data list) into `staging`, fsync, rename to models/<v>."""
         from safetensors.torch import save_file
 
-        manifest = {**manifest, "version": version, "format_version": FORMAT_VERSION}
         contiguous = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(contiguous, str(staging / WEIGHTS))
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if data is not None:
             (staging / DATA).write_text(json.dumps(data))
+        # Checksums of the files a loader trusts, so a flipped bit is refused, not served.
+        checksums = {name: file_sha256(staging / name) for name in (WEIGHTS, ONNX_FILE)
+                     if (staging / name).exists()}
+        manifest = {**manifest, "version": version, "format_version": FORMAT_VERSION,
+                    "checksums": checksums}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -272,9 +272,6 @@ def test_corrupt_weights_keep_the_old_model_serving(svc: RunningService, corrupt
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="/readyz answers 200 with the served versions only; it "
-                   "does not say that CURRENT names a version that failed to load (the "
-                   "classifier's status has failed_version and last_error; /readyz drops them)")
 def test_readyz_names_a_version_that_failed_to_load(svc: RunningService) -> None:
     registry = Registry(svc.home)
     old = registry.current()

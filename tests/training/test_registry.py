@@ -90,3 +90,18 @@ def test_retention_keeps_current_its_parent_and_v0(tmp_path: Path) -> None:
     assert sorted(removed) == ["v3"]
     assert registry.versions() == ["v0", "v1", "v2", "v4", "v5"]
     assert registry.current() == "v2"
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from training.registry import InvalidVersion
+
+    registry = Registry(tmp_path)
+    registry.ensure_v0("efficientnet_lite0")
+    weights = registry.version_dir("v0") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # still a valid safetensors file with finite numbers
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InvalidVersion, match="checksum"):
+        registry.load("v0")
