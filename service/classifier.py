@@ -98,6 +98,8 @@ class Classifier:
         with self._sync_lock:
             wanted = self.registry.current()
             if wanted is None or wanted == self.version:
+                if wanted is not None:  # CURRENT is back on what we serve: old failure is moot
+                    self._failed_version, self.last_error = None, None
                 return self.version
             if wanted == self._failed_version and not force:
                 return self.version
