@@ -203,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=20, help="seconds per 16-client run")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--python-proxy", action="store_true",
-                    help="Serve's Python HTTP proxy instead of HAProxy (the default)")
+    ap.add_argument("--haproxy", action="store_true",
+                    help="Serve's HAProxy front end instead of its Python proxy (the default)")
     args = ap.parse_args(argv)
     import ray
 
@@ -224,21 +224,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     layouts: list[tuple[str, dict[str, Any] | None]] = [
         ("no-op Serve handler", None),
-        (f"{cpus} replicas x 1 thread, batch <= 8, no wait",
+        (f"{cpus} replicas x 1 thread, no batching (default)",
          {"classifier_replicas": cpus, "classifier_threads": 1}),
-        (f"{cpus} replicas x 1 thread, no batching",
-         {"classifier_replicas": cpus, "classifier_threads": 1, "max_batch_size": 1}),
+        (f"{cpus} replicas x 1 thread, batch <= 8, no wait",
+         {"classifier_replicas": cpus, "classifier_threads": 1, "max_batch_size": 8}),
         (f"{cpus} replicas x 1 thread, batch <= 16, 10 ms wait",
          {"classifier_replicas": cpus, "classifier_threads": 1, "max_batch_size": 16,
           "batch_wait_s": 0.01}),
-        (f"1 replica x {cpus} threads, batch <= 8, no wait",
+        (f"1 replica x {cpus} threads, no batching",
          {"classifier_replicas": 1, "classifier_threads": cpus}),
     ]
     if args.quick:
         layouts = layouts[:2]
     results: dict[str, Any] = {"baseline": {"best_layout": best, "latency_batch1": base_lat}}
-    if args.python_proxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    if args.haproxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     serve_environment()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:

@@ -46,12 +46,14 @@ APP_NAME = "visionloop"
 
 # Ray Serve settings read from the environment of the Ray processes, so they must be in place
 # before the local cluster starts (`serve_environment`), or in the environment of every
-# `ray start` of an existing cluster (docker-compose.yml sets them). A value already set wins.
+# `ray start` of an existing cluster (docker-compose.yml passes them). A value already set wins.
 SERVE_ENVIRONMENT = {
-    # Serve's HAProxy front end instead of its Python HTTP proxy. Measured here (2 cores,
-    # benchmarks/serving.py, a no-op handler): 3.4 ms instead of 13 ms per request at 1 client,
-    # 406 instead of 64 requests/s at 16 clients; that CPU goes to the model instead.
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Serve's HAProxy front end is opt-in (RAY_SERVE_ENABLE_HA_PROXY=1). Measured here (2 cores,
+    # benchmarks/serving.py, a no-op handler) it costs 3.8 ms instead of 13 ms per request, but
+    # Ray 2.60's HAProxy also binds its stats page (8404) and metrics (9101) on every interface,
+    # at fixed ports: against our rule that nothing but the API is exposed, and two services on
+    # one machine collide. Off by default until those can be bound to loopback.
+    "RAY_SERVE_ENABLE_HA_PROXY": "0",
 }
 
 
