@@ -122,8 +122,9 @@ def test_hot_swap_checks_then_swaps_and_broken_version_keeps_old(tmp_path: Path)
     assert clf.reload_failures == 1 and v2 in (clf.last_error or "")
     assert clf.sync() == v1 and clf.reload_failures == 1  # not retried every poll
     assert clf.sync(force=True) == v1 and clf.reload_failures == 2
-    registry.set_current(v1)
-    assert clf.sync() == v1 and clf.status()["failed_version"] == v2
+    registry.set_current(v1)  # CURRENT back on what is served: the failure is no longer news
+    assert clf.sync() == v1 and clf.status()["failed_version"] is None
+    assert clf.reload_failures == 2  # the count stays (metrics)
 
 
 def test_concurrent_predictions_during_swaps(tmp_path: Path) -> None:
