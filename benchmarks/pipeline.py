@@ -116,7 +116,7 @@ def best_layout(jpegs: list[bytes], onnx_path: str | None, quick: bool = False
             layouts += [(cpus, 1, 1, "onnxruntime"), (cpus, 1, 8, "onnxruntime")]
     if not quick:
         layouts += [(1, 1, 16, "eager"), (cpus, 1, 8, "eager")]
-    rows = []
+    rows: list[dict[str, Any]] = []
     base = None
     for p, t, b, engine in layouts:
         ips = pipeline_throughput(jpegs, p, t, b, engine, onnx_path)

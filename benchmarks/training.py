@@ -69,6 +69,7 @@ def plain_images_per_s(train: list, val: list, n_classes: int, cfg: TrainConfig,
                        predecoded: bool = False) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
+    tr_ds: Dataset[Any]
     tr_ds, _, _ = make_datasets(train, val, cfg)
     if predecoded:
         tr_ds = _InMemory(tr_ds)

@@ -33,8 +33,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
+    disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,6 +53,7 @@ from training.jobs import JobNotFound, JobStore
 from training.registry import InvalidVersion, Registry, VersionNotFound
 
 log = logging.getLogger(__name__)
+disable_created_metrics()  # `_created` samples cannot be summed across replicas
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -91,6 +95,9 @@ class ClassifierClient(Protocol):
     async def reload_all(self) -> list[dict[str, Any]]:
         """Every replica syncs to CURRENT now; -> their statuses."""
 
+    async def replica_metrics(self) -> list[str]:
+        """Every replica's request metrics (`Metrics.registry`), Prometheus text."""
+
 
 class ControllerClient(Protocol):
     async def start(self, overrides: dict[str, Any], source: str) -> dict[str, Any]:
@@ -101,9 +108,12 @@ class ControllerClient(Protocol):
 
 
 class Metrics:
+    """`registry`: what this replica counts (requests, latency, in flight, predictions, batch
+    sizes), summed over every replica by /metrics (`merge_exposition`); `shared`: what /metrics
+    computes once for the whole service when scraped (served versions, load failures, jobs)."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
         self.requests = Counter("visionloop_requests", "HTTP requests answered",
                                 ["route", "method", "status"], registry=r)
         self.latency = Histogram("visionloop_request_seconds", "HTTP request latency",
@@ -114,13 +124,45 @@ class Metrics:
         self.batch_size = Histogram("visionloop_inference_batch_size",
                                     "size of the inference batch each image was classified in",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.shared = s = CollectorRegistry()
         self.model = Gauge("visionloop_model_info", "served model version (1 per replica)",
-                           ["version"], registry=r)
+                           ["version"], registry=s)
         self.reload_failures = Gauge("visionloop_model_reload_failures",
                                      "model versions that failed to load, summed over replicas",
-                                     registry=r)
+                                     registry=s)
         self.jobs = Gauge("visionloop_training_jobs", "training jobs by status", ["status"],
-                          registry=r)
+                          registry=s)
+
+
+class _Families:
+    """A prometheus_client collector that yields fixed metric families."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge_exposition(texts: list[str]) -> bytes:
+    """Prometheus texts of several replicas -> one text, every sample (same name and labels)
+    summed: counters, histograms and the in-flight gauge all add up across replicas."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                values[family.name][key] = values[family.name].get(key, 0.0) + sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(merged.values())))
+    return generate_latest(registry)
 
 
 class _BodyTooLarge(Exception):
@@ -389,7 +431,13 @@ def create_api(settings: Settings, api_token: str, classifier: ClassifierClient,
         metrics.jobs.clear()
         for status, n in counts.items():
             metrics.jobs.labels(status).set(n)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        try:
+            texts = await asyncio.wait_for(classifier.replica_metrics(), timeout=5)
+        except Exception:
+            log.warning("metrics: other replicas unavailable; this replica's only", exc_info=True)
+            texts = [generate_latest(metrics.registry).decode()]
+        body = merge_exposition(texts) + generate_latest(metrics.shared)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     # -- predict -------------------------------------------------------------------------------
     @app.post("/v1/predict", tags=["predict"], response_model=schemas.PredictPublic,

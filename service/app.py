@@ -2,12 +2,12 @@
 
 Request flow:
 
-    client ─HTTP─▶ Serve proxy ─▶ Ingress (FastAPI, service.api)
+    client ─HTTP─▶ Serve proxy ─▶ Ingress replicas (FastAPI, service.api; N of them)
                                   │ RequestGuard: in-flight bound (503), body bytes (413), metrics
                                   │ auth (service.security): API token; predict open or its token
-                                  ├─ POST /v1/predict ─▶ Classifier replicas (service.classifier)
-                                  │     header probe (415/413) in the ingress, then one call per
-                                  │     image; @serve.batch groups them; decode + inference in a
+                                  ├─ POST /v1/predict ─▶ the Classifier in the same replica
+                                  │     header probe (415/413), then one call per image;
+                                  │     @serve.batch groups them; decode + inference in a
                                   │     worker thread; each answer names its model version;
                                   │     images kept in predictions/ for feedback and review
                                   ├─ /v1/labels, /v1/feedback ─▶ DatasetStore.ingest (volume)
@@ -15,9 +15,13 @@ Request flow:
                                   ├─ POST, DELETE /v1/train ─▶ TrainingController (one replica)
                                   │     run_job in a thread ─▶ Ray Train TorchTrainer workers
                                   │     schedule tick every second; retention every minute
+                                  ├─ /readyz, /metrics ─▶ broadcast to every replica (status,
+                                  │     request metrics summed)
                                   └─ POST /v1/models/{v}/activate ─▶ CURRENT, then broadcast
-                                        `reload` to every classifier replica
+                                        `reload` to every replica
 
+    The classifier lives in the ingress replicas (no second Serve hop per image): see
+    `service.deployments` for why and what it cost before.
     A published model reaches the classifiers through models/CURRENT: each replica polls it about
     every second (and reloads at once on the activate broadcast), loads and checks the new
     version, then swaps one reference.
@@ -34,7 +38,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from service.deployments import ClassifierDeployment, ControllerDeployment, IngressDeployment
+from service.deployments import ControllerDeployment, IngressDeployment
 from service.security import ensure_api_token
 from service.settings import Settings
 from training.registry import Registry
@@ -78,15 +82,12 @@ def prepare_home(settings: Settings) -> tuple[Settings, Path | None]:
 
 
 def build_app(settings: Settings) -> Application:
-    classifier_d: Any = ClassifierDeployment  # Serve deployments (mypy sees the classes)
-    controller_d: Any = ControllerDeployment
+    controller_d: Any = ControllerDeployment  # Serve deployments (mypy sees the classes)
     ingress_d: Any = IngressDeployment
-    classifier = classifier_d.options(
+    controller = controller_d.bind(settings)
+    return ingress_d.options(
         num_replicas=settings.classifier_replicas,
         ray_actor_options={"num_cpus": settings.classifier_cpus,
                            "num_gpus": settings.classifier_gpus},
-    ).bind(settings)
-    controller = controller_d.bind(settings)
-    return ingress_d.options(  # room above our own bound, so overload is ours (503)
-        max_ongoing_requests=settings.max_in_flight + 64,
-    ).bind(settings, classifier, controller)
+        max_ongoing_requests=settings.max_in_flight + 64,  # room above our bound: overload is
+    ).bind(settings, controller)                           # ours (503), not Serve's

@@ -1,12 +1,24 @@
-"""Ray Serve deployments: thin wrappers of the plain classes, plus the Serve-handle clients the
-HTTP API uses.
+"""Ray Serve deployments: thin wrappers of the plain classes.
+
+Two deployments:
+- `Ingress` ("the API replicas"): the FastAPI app of `service.api` *and* a `Classifier`, in the
+  same process. A prediction is decoded and classified in the replica that parsed the request:
+  no second Serve call, no image bytes crossing the object store. Measured on a 2-core machine
+  (benchmarks/serving.py, 16 clients): a separate classifier deployment behind the ingress cost
+  about 7 ms of CPU per request in the ingress, most of it Serve's router and the handle call;
+  merged, that work is gone (see README, Performance). Scale with
+  `VISIONLOOP_CLASSIFIER_REPLICAS`; every replica serves the whole API.
+- `TrainingController`: one replica, the single `TrainingController` of the application.
+
+Work that concerns every replica (readiness, activate, /metrics) fans out over the replica's
+own deployment handle with `broadcast`.
 
 Resource plan (DESIGN "Facts checked"): every Serve actor here asks for `num_cpus=0` by default
-(the classifier's share is `VISIONLOOP_CLASSIFIER_CPUS`), so the cluster's logical CPUs stay
+(the API replica's share is `VISIONLOOP_CLASSIFIER_CPUS`), so the cluster's logical CPUs stay
 free for Ray Train workers (1 CPU each): on a 2-CPU machine a 2-worker job starts while the
 service answers. The actors still use real cores; the classifier bounds its own use with
 `torch.set_num_threads(VISIONLOOP_CLASSIFIER_THREADS)` (default 1) and runs one inference batch
-at a time. A classifier replica asks for `VISIONLOOP_CLASSIFIER_GPUS` of a GPU when set.
+at a time. A replica asks for `VISIONLOOP_CLASSIFIER_GPUS` of a GPU when set.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from prometheus_client import generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -35,15 +48,20 @@ def error_answer(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"status": status, "code": code, "message": message}}
 
 
-@serve.deployment(name="Classifier", max_ongoing_requests=256, health_check_period_s=5)
-class ClassifierDeployment:
-    """One replica: a `Classifier`, batched predictions (`@serve.batch`), decoding and
-    inference in one worker thread (off the event loop), CURRENT polled every
-    `reload_poll_s` in a second thread, and `reload` for the broadcast on activate."""
+@serve.deployment(name="Ingress", health_check_period_s=5)
+@serve.ingress()
+class IngressDeployment:
+    """One API replica: the FastAPI app, a `Classifier` (batched predictions with
+    `@serve.batch`, decoding and inference in one worker thread off the event loop), CURRENT
+    polled every `reload_poll_s` in a second thread, and `status` / `reload` / `metrics_text`
+    for the broadcasts."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, controller: DeploymentHandle):
         import torch
 
+        self.settings = settings
+        self.api_token, _ = ensure_api_token(settings.home, settings.api_token)
+        self.controller = ServeControllerClient(controller)
         device = "cuda" if settings.classifier_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.classifier = Classifier(settings.home, device=device,
                                      max_pixels=settings.max_pixels,
@@ -55,7 +73,15 @@ class ClassifierDeployment:
         batched.set_batch_wait_timeout_s(settings.batch_wait_s)
         self._stop = threading.Event()
         self._poll_s = settings.reload_poll_s
+        self._peers: DeploymentHandle | None = None
+        self._metrics_registry: Any = None
         threading.Thread(target=self._poll, name="reload-poll", daemon=True).start()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        app = create_api(self.settings, self.api_token, ReplicaClassifierClient(self),
+                         self.controller)
+        self._metrics_registry = app.state.metrics.registry
+        return app
 
     def _poll(self) -> None:
         while not self._stop.wait(self._poll_s):
@@ -77,6 +103,13 @@ class ClassifierDeployment:
         """One image's bytes -> see `Classifier.predict_bytes` (batched with other calls)."""
         return await self._predict_batch((data, top_k))
 
+    def peers(self) -> DeploymentHandle:
+        """A handle on this deployment (every replica, this one included), for broadcasts."""
+        if self._peers is None:
+            ctx = serve.get_replica_context()
+            self._peers = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        return self._peers
+
     def status(self) -> dict[str, Any]:
         return self.classifier.status()
 
@@ -85,8 +118,32 @@ class ClassifierDeployment:
         await asyncio.to_thread(self.classifier.sync, True)
         return self.classifier.status()
 
+    def metrics_text(self) -> str:
+        """This replica's request metrics, Prometheus text (summed over replicas by /metrics)."""
+        return generate_latest(self._metrics_registry).decode() if self._metrics_registry else ""
+
     def __del__(self) -> None:
         self._stop.set()
+
+
+class ReplicaClassifierClient:
+    """`service.api.ClassifierClient` for the classifier in this replica; the calls about every
+    replica go through `broadcast` on the deployment's own handle."""
+
+    def __init__(self, replica: IngressDeployment):
+        self.replica = replica
+
+    async def predict(self, data: bytes, top_k: int) -> dict[str, Any]:
+        return await self.replica.predict(data, top_k)
+
+    async def statuses(self) -> list[dict[str, Any]]:
+        return await self.replica.peers().broadcast("status").results_async(timeout_s=10)
+
+    async def reload_all(self) -> list[dict[str, Any]]:
+        return await self.replica.peers().broadcast("reload").results_async(timeout_s=300)
+
+    async def replica_metrics(self) -> list[str]:
+        return await self.replica.peers().broadcast("metrics_text").results_async(timeout_s=10)
 
 
 @serve.deployment(name="TrainingController", num_replicas=1,
@@ -119,20 +176,6 @@ class ControllerDeployment:
         self.controller.stop()
 
 
-class ServeClassifierClient:
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
-
-    async def predict(self, data: bytes, top_k: int) -> dict[str, Any]:
-        return await self.handle.predict.remote(data, top_k)
-
-    async def statuses(self) -> list[dict[str, Any]]:
-        return await self.handle.broadcast("status").results_async(timeout_s=10)
-
-    async def reload_all(self) -> list[dict[str, Any]]:
-        return await self.handle.broadcast("reload").results_async(timeout_s=300)
-
-
 class ServeControllerClient:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
@@ -142,19 +185,3 @@ class ServeControllerClient:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self.handle.cancel.remote(job_id)
-
-
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
-@serve.ingress()
-class IngressDeployment:
-    """The FastAPI app of `service.api`, built in the replica."""
-
-    def __init__(self, settings: Settings, classifier: DeploymentHandle,
-                 controller: DeploymentHandle):
-        self.settings = settings
-        self.api_token, _ = ensure_api_token(settings.home, settings.api_token)
-        self.classifier = ServeClassifierClient(classifier)
-        self.controller = ServeControllerClient(controller)
-
-    def __serve_build_asgi_app__(self) -> Any:
-        return create_api(self.settings, self.api_token, self.classifier, self.controller)

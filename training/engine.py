@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -92,7 +93,16 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
+class Batches(Protocol):
+    """What the loops read: a DataLoader, or any sized iterable of (images, labels) batches
+    (a list of tensors in benchmarks/gpu.py)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def train_one_epoch(model: nn.Module, loader: Batches, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                     device: torch.device, amp: bool = False, channels_last: bool = False,

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-SERVE_ROLES = ("Ingress", "Classifier", "TrainingController", "ProxyActor")
+SERVE_ROLES = ("Ingress", "TrainingController", "ProxyActor")
 
 
 def _descendants(root: int) -> list[int]:
@@ -39,10 +39,10 @@ def _descendants(root: int) -> list[int]:
 
 
 def serve_pids() -> dict[str, list[int]]:
-    """The Serve actors' process ids by role (Ingress, Classifier, TrainingController,
+    """The Serve actors' process ids by role (Ingress, TrainingController,
     ProxyActor): processes of this test's own Ray cluster (descendants of this process, so
     other clusters on the machine are never touched), recognised by the process title Ray
-    gives each actor (`ray::ServeReplica:visionloop:Classifier`, `ray::ProxyActor`)."""
+    gives each actor (`ray::ServeReplica:visionloop:Ingress`, `ray::ProxyActor`)."""
     out: dict[str, list[int]] = {}
     for pid in _descendants(os.getpid()):
         try:

@@ -79,11 +79,11 @@ def metric(svc: RunningService, name: str) -> float:
     raise KeyError(name)
 
 
-# -- a classifier replica killed under load --------------------------------------------------------
+# -- an API replica (it holds the classifier) killed under load ------------------------------------
 
 @pytest.mark.timeout(240)
-def test_classifier_replica_killed_under_load_recovers(svc: RunningService) -> None:
-    [old_pid] = serve_pids()["Classifier"]
+def test_replica_killed_under_load_recovers(svc: RunningService) -> None:
+    [old_pid] = serve_pids()["Ingress"]
     with Hammer(svc.url, noisy_image(1, (200, 200, 10)), threads=HAMMER_THREADS) as hammer:
         time.sleep(3)
         before = len(hammer.results)
@@ -91,7 +91,7 @@ def test_classifier_replica_killed_under_load_recovers(svc: RunningService) -> N
         os.kill(old_pid, signal.SIGKILL)
 
         def replaced() -> bool:
-            pids = serve_pids().get("Classifier", [])
+            pids = serve_pids().get("Ingress", [])
             return bool(pids) and old_pid not in pids
 
         wait_for(replaced, timeout=120, interval=0.2, what="a new classifier replica")
@@ -109,9 +109,11 @@ def test_classifier_replica_killed_under_load_recovers(svc: RunningService) -> N
           f"from {HAMMER_THREADS} clients; {len(failures)} failed (statuses {statuses}); "
           f"recovered (first 200 after the kill) in {recovered_at - killed_at:.1f}s")
     assert not after_recovery, after_recovery
-    # Only requests in flight around the kill may fail: each client has one at a time.
+    # Only requests in flight around the kill may fail: each client has one at a time. Those
+    # the dead replica held are answered by Serve's proxy (500, its own text: nothing of ours
+    # is left to answer them); requests that arrive while it restarts wait for the new one.
     assert len(failures) <= 2 * HAMMER_THREADS, failures
-    assert all(f[2] == 503 for f in failures), failures  # our shape, never a bare 500
+    assert all(f[2] in (500, 503) for f in failures), failures
     assert served_versions(svc) == ["v0"]
 
 
@@ -276,9 +278,9 @@ def test_readyz_names_a_version_that_failed_to_load(svc: RunningService) -> None
     registry = Registry(svc.home)
     old = registry.current()
     bad = _copy_of_current(svc, _truncate_weights)
+    failures = metric(svc, "visionloop_model_reload_failures")
     registry.set_current(bad)
     try:
-        failures = metric(svc, "visionloop_model_reload_failures")
         wait_for(lambda: metric(svc, "visionloop_model_reload_failures") > failures,
                  timeout=30, interval=0.2, what="the reload failure")
         ready = httpx.get(f"{svc.url}/readyz", timeout=10)

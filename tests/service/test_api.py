@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from service.api import Metrics, RequestGuard
+from service.api import Metrics, RequestGuard, merge_exposition
 from tests.conftest import RunningService, image_bytes, noisy_image, start_service
 
 pytestmark = pytest.mark.slow
@@ -295,6 +297,28 @@ def test_metrics_after_traffic(svc: RunningService) -> None:
     assert 'visionloop_model_info{version="v0"} 1.0' in text
     assert "visionloop_inference_batch_size_count" in text
     assert "visionloop_model_reload_failures 0.0" in text
+
+
+def test_metrics_of_replicas_are_summed() -> None:
+    replicas = [Metrics(), Metrics()]
+    for n, m in enumerate(replicas, start=1):
+        m.requests.labels("/v1/predict", "POST", "200").inc(n)
+        m.latency.labels("/v1/predict").observe(0.01 * n)
+        m.in_flight.set(n)
+    replicas[1].requests.labels("/v1/labels", "POST", "415").inc()
+    text = merge_exposition([generate_latest(m.registry).decode() for m in replicas]).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    predict = (("method", "POST"), ("route", "/v1/predict"), ("status", "200"))
+    assert samples[("visionloop_requests_total", predict)] == 3
+    assert samples[("visionloop_requests_total", (("method", "POST"), ("route", "/v1/labels"),
+                                                  ("status", "415")))] == 1
+    assert samples[("visionloop_request_seconds_count", (("route", "/v1/predict"),))] == 2
+    assert samples[("visionloop_request_seconds_sum", (("route", "/v1/predict"),))] == \
+        pytest.approx(0.03)
+    assert samples[("visionloop_requests_in_flight", ())] == 3
+    assert not any(name.endswith("_created") for name, _ in samples)
+    assert text.count("# TYPE visionloop_requests_total counter") == 1
 
 
 # -- the overload guard, on a plain ASGI app -----------------------------------------------------
