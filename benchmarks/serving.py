@@ -35,7 +35,7 @@ from fastapi import FastAPI, File, UploadFile
 from ray import serve
 
 from benchmarks.common import percentiles, photo_jpegs, write_results
-from benchmarks.pipeline import best_layout, export_model, latency_batch1
+from benchmarks.pipeline import best_layout, export_model, latency_batch1, pipeline_throughput
 from service.app import serve_environment
 from tests.conftest import free_port, start_service, wait_for
 from training.inference import onnxruntime_available
@@ -261,15 +261,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     jpegs = photo_jpegs(32)
     rows: list[dict[str, Any]] = []
 
-    # 1. The in-process baseline, measured now, with the engine v0 serves with.
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_model(Path(tmp)) if onnxruntime_available() else None
-        _, best = best_layout(jpegs, onnx_path, quick=True)
-        base_lat = latency_batch1(jpegs, 1, best["engine"], onnx_path)
+    # 1. The in-process baseline, measured now, with the engine v0 serves with: the fastest
+    # layout, and batch-1 latency at 1 thread and at all cores (compared with served layouts
+    # of the same threads per replica).
+    tmp_onnx = tempfile.TemporaryDirectory()
+    onnx_path = export_model(Path(tmp_onnx.name)) if onnxruntime_available() else None
+    _, best = best_layout(jpegs, onnx_path, quick=True)
+    base_lat = {t: latency_batch1(jpegs, t, best["engine"], onnx_path) for t in {1, cpus}}
     rows.append({"section": "baseline", "layout": f"in-process {best['engine']}, "
                  f"{best['processes']} proc x {best['threads']} thr, batch {best['batch']}",
                  "clients": "-", "images_per_s": best["images_per_s"], "ratio": 1.0,
-                 **base_lat})
+                 **base_lat[1]})
 
     layouts: list[tuple[str, dict[str, Any] | None]] = [
         ("no-op Serve handler", None),
@@ -297,12 +299,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 url = start_noop() if overrides is None else start(home, **overrides)
                 one = load(url, jpegs, 1, requests=60)
                 many = load(url, jpegs, 16, duration=args.duration)
+                threads = (overrides or {}).get("classifier_threads", 1)
                 for clients, r in ((1, one), (16, many)):
                     rows.append({"section": "served", "layout": name, "clients": clients,
                                  "images_per_s": round(r["images_per_s"], 1),
                                  "ratio": round(r["images_per_s"] / best["images_per_s"], 2),
                                  "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"],
                                  "p99_ms": r["p99_ms"], "failed": r["failed"]})
+                    if clients == 1 and overrides is not None:
+                        rows[-1]["added_p50_ms"] = round(
+                            r["p50_ms"] - base_lat[threads]["p50_ms"], 1)
                     print(rows[-1], flush=True)
                 results[name] = {"1": one, "16": many}
                 if overrides is not None and overrides["classifier_replicas"] > 1 \
@@ -312,10 +318,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 stop()
     finally:
         ray.shutdown()
+    # The baseline once more, after the served runs: the faster of the two is the one the
+    # ratios are taken against (noise on a shared machine only ever makes a run slower).
+    again = pipeline_throughput(jpegs, best["processes"], best["threads"], best["batch"],
+                                best["engine"], onnx_path)
+    tmp_onnx.cleanup()
+    if again > best["images_per_s"]:
+        best = {**best, "images_per_s": round(again, 1)}
+        rows[0]["images_per_s"] = best["images_per_s"]
+        for r in rows[1:]:
+            r["ratio"] = round(r["images_per_s"] / best["images_per_s"], 2)
     served = [r for r in rows if r["section"] == "served" and r["layout"] != layouts[0][0]]
     best16 = max((r for r in served if r["clients"] == 16), key=lambda r: r["images_per_s"])
-    best1 = min((r for r in served if r["clients"] == 1), key=lambda r: r["p50_ms"])
-    added = round(best1["p50_ms"] - base_lat["p50_ms"], 1)
+    best1 = min((r for r in served if r["clients"] == 1), key=lambda r: r["added_p50_ms"])
+    added = best1["added_p50_ms"]
     reload = results.get("reload", {})
     results["summary"] = {"best_16_clients": best16, "added_latency_ms": added}
     front = "HAProxy front end" if args.haproxy else "Python proxy (the default front end)"
@@ -324,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"best served at 16 clients: {best16['images_per_s']} images/s ({best16['layout']}), "
         f"{best16['ratio']} x the best in-process layout measured in this run; TorchServe "
         f"0.12 on the same model and a 2-core machine: {TORCHSERVE_16_CLIENTS} images/s",
-        f"added latency at 1 client (served p50 - in-process batch-1 p50): {added} ms",
+        f"added latency at 1 client (served p50 - in-process batch-1 p50 at the same threads "
+        f"per replica): {added} ms ({best1['layout']})",
         f"hot reload under load: every replica on the new version {reload.get('swap_s')} s "
         f"after CURRENT changed; failed requests: {reload.get('failed_requests')} of "
         f"{reload.get('requests')}",

@@ -1,8 +1,9 @@
 """The HTTP API (FastAPI), built per ingress replica by `create_api`.
 
-Routes only translate HTTP to calls: predictions go to the classifier replicas, training starts
-and cancels go to the training controller (both through the small client protocols below, which
-`service.deployments` implements with Serve handles), and everything else reads or writes the
+Routes only translate HTTP to calls: predictions go to the classifier of this replica (and
+readiness, activate and /metrics to every replica), training starts and cancels go to the
+training controller (both through the small client protocols below, which `service.deployments`
+implements), and everything else reads or writes the
 volume through the training contract (`DatasetStore`, `Registry`, `JobStore`) directly.
 
 In front of the routes, `RequestGuard` (pure ASGI) answers by itself:

@@ -1,7 +1,7 @@
 """The classifier: the served model version, batch prediction and hot reload. Plain Python.
 
 `Classifier` knows nothing of Ray or HTTP (a GPU benchmark machine imports it without Ray);
-`service.deployments.ClassifierDeployment` wraps it for Serve.
+`service.deployments.IngressDeployment` holds one per API replica.
 
 Hot reload (`sync`): when `models/CURRENT` names a version other than the one served, the new
 version is loaded fully, checked (a forward pass on a dummy batch must give one finite score per

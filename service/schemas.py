@@ -134,4 +134,4 @@ class ModelsPublic(BaseModel):
 class ActivatePublic(BaseModel):
     current: str
     replicas: list[str | None] = Field(
-        default_factory=list, description="the version each classifier replica now serves")
+        default_factory=list, description="the version each replica now serves")
