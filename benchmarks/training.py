@@ -5,8 +5,9 @@ feature cache for feature-extract retrains.
 
 Sections (each baseline measured in this run; ratio = candidate / baseline):
 1. ray-vs-plain: finetune efficientnet_lite0, the plain loop (1 process, all cores as torch
-   threads) vs Ray Train with N CPU workers x 1 thread, same data and model; images/s over the
-   epochs after the first; Ray's startup (ray.init, worker group) reported separately.
+   threads) vs Ray Train with N CPU workers x 1 thread, same data, model and global batch
+   (16 // N per worker); images/s over the epochs after the first; Ray's startup (ray.init,
+   worker group) reported separately.
 2. input: the plain loop reading JPEG files every epoch vs pre-decoded images held in memory
    (both still augment): is decoding the bottleneck?
 3. feature-cache: a 5-epoch feature-extract retrain after 10% new images: cached features
@@ -113,7 +114,10 @@ def ray_section(home: Path, cfg: TrainConfig, workers: int) -> dict[str, Any]:
     init_s = time.perf_counter() - t
     try:
         t = time.perf_counter()
-        rec = run_job(home, cfg.model_copy(update={"workers": workers, "threads": 1}))
+        # The same global batch as the plain loop: `batch_size` is per worker in Ray Train.
+        rec = run_job(home, cfg.model_copy(update={
+            "workers": workers, "threads": 1,
+            "batch_size": max(1, cfg.batch_size // workers)}))
         job_s = time.perf_counter() - t
     finally:
         ray.shutdown()
@@ -180,9 +184,9 @@ def feature_cache_section(home: Path, size: int, n: int, epochs: int = 5) -> lis
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--images", type=int, default=160)
     ap.add_argument("--size", type=int, default=160, help="image_size (crop)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--skip-ray", action="store_true")
     args = ap.parse_args(argv)
     cpus = os.cpu_count() or 1
@@ -201,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             ray_res = ray_section(home, cfg, cpus)
             results["ray"] = ray_res
             rows.append({"section": "ray-vs-plain",
-                         "variant": f"Ray Train, {cpus} workers x 1 thread",
+                         "variant": f"Ray Train, {cpus} workers x 1 thread, "
+                                    f"batch {max(1, 16 // cpus)} each",
                          "images_per_s": round(ray_res["images_per_s"], 1),
                          "ratio": round(ray_res["images_per_s"] / plain, 2),
                          "startup_s": round(ray_res["ray_init_s"], 1),

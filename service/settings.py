@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     classifier_gpus: float = Field(0.0, ge=0.0, le=1.0,
                                    description="GPU share per API replica (its classifier)")
     classifier_threads: int = Field(1, ge=1, le=256, description="torch threads per replica")
-    max_batch_size: int = Field(8, ge=1, le=1024, description="@serve.batch size (CPU: 8 measured best)")
+    max_batch_size: int = Field(8, ge=1, le=1024,
+                                description="@serve.batch size (8: measured best on a CPU)")
     batch_wait_s: float = Field(0.0, ge=0.0, le=5.0, description="@serve.batch wait")
     reload_poll_s: float = Field(1.0, gt=0.0, le=3600.0,
                                  description="how often replicas check models/CURRENT")

@@ -33,6 +33,16 @@ def image_bytes(color: tuple[int, ...] | int = (200, 30, 30), fmt: str = "PNG",
     return buf.getvalue()
 
 
+# Images in every mode a client may send (the decoder turns each into RGB): (id, bytes).
+IMAGE_MODES = {
+    "cmyk-jpeg": image_bytes((10, 200, 30, 5), "JPEG", mode="CMYK"),
+    "gray": image_bytes(128, "PNG", mode="L"),
+    "rgba": image_bytes((10, 20, 200, 100), "PNG", mode="RGBA"),
+    "16bit": image_bytes(40000, "PNG", mode="I;16"),
+    "webp": image_bytes((1, 2, 3), "WEBP"),
+}
+
+
 def noisy_image(seed: int, base: tuple[int, int, int], size: int = 64) -> bytes:
     """A distinct image (distinct bytes, so distinct sha256) around colour `base`."""
     import numpy as np
@@ -99,19 +109,37 @@ def start_service(home: Path, **overrides: Any) -> RunningService:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise TimeoutError("service did not become ready")
+    wait_ready(url, timeout=120)
     token = settings.api_token or read_token_file(settings.home)
     assert token
     return RunningService(url, settings.home, token, settings)
+
+
+def assert_error(r: httpx.Response, status: int | tuple[int, ...], code: str | None = None
+                 ) -> dict[str, Any]:
+    """The answer has `status` (or one of them) and the `{"error": {"code", "message"}}`
+    shape."""
+    allowed = (status,) if isinstance(status, int) else status
+    assert r.status_code in allowed, f"{r.status_code} (expected {allowed}): {r.text[:300]}"
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code, body
+    return body
+
+
+def wait_ready(url: str, timeout: float, alive: Any = None) -> None:
+    """Until GET {url}/readyz answers 200; `alive()` (optional) must stay true meanwhile."""
+
+    def ready() -> bool:
+        assert alive is None or alive(), "the service exited before it was ready"
+        try:
+            return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout, interval=0.5, what=f"{url}/readyz")
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.5, what: str = "condition"

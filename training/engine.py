@@ -102,6 +102,15 @@ class Batches(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
 def train_one_epoch(model: nn.Module, loader: Batches, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
@@ -112,11 +121,8 @@ def train_one_epoch(model: nn.Module, loader: Batches, criterion: nn.Module,
     start = time.perf_counter()
     loss_sum, correct, count = 0.0, 0, 0
     steps = len(loader)
-    for step, (x, y) in enumerate(loader):
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+    for step, batch in enumerate(loader):
+        x, y = _to_device(batch, device, channels_last)
         with _autocast(device, amp):
             logits = model(x)
             loss = criterion(logits, y)
@@ -143,11 +149,8 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
     start = time.perf_counter()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, count = 0.0, 0
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+    for batch in loader:
+        x, y = _to_device(batch, device, channels_last)
         with _autocast(device, amp):
             logits = model(x)
         loss_sum += criterion(logits.float(), y).item() * y.shape[0]

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from training.dataset import Item, write_file_atomic
-from training.imageio import decode_image, probe_image
+from training.imageio import decode_image
 from training.presets import EvalPreset
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,11 @@ def ensure_resized(items: Sequence[Item], cache: Path, short_side: int) -> dict[
         if target.exists():
             out[item.sha256] = target
             continue
-        data = item.path.read_bytes()
-        info = probe_image(data)  # header only: most images need no copy
-        if min(info.width, info.height) <= short_side * RESIZE_SLACK:
-            out[item.sha256] = item.path
-            continue
-        image = decode_image(data, draft_size=short_side)
+        with Image.open(item.path) as header:  # reads the header only: most need no copy
+            if min(header.size) <= short_side * RESIZE_SLACK:
+                out[item.sha256] = item.path
+                continue
+        image = decode_image(item.path.read_bytes(), draft_size=short_side)
         scale = short_side / min(image.size)
         image = image.resize((round(image.width * scale), round(image.height * scale)),
                              Image.Resampling.BILINEAR, reducing_gap=2.0)

@@ -79,20 +79,6 @@ def format_memory(mem: dict[str, dict[str, float]]) -> str:
                      for role, m in sorted(mem.items()))
 
 
-def assert_error(r: httpx.Response, status: int | tuple[int, ...], code: str | None = None
-                 ) -> dict[str, Any]:
-    """The answer has `status` (or one of them) and the `{"error": {"code", "message"}}`
-    shape."""
-    allowed = (status,) if isinstance(status, int) else status
-    assert r.status_code in allowed, f"{r.status_code} (expected {allowed}): {r.text[:300]}"
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body
-
-
 def dataset_images(home: Path) -> dict[str, Path]:
     """Stored images on disk: relative path -> file (ledger, lock and temp folder excluded)."""
     root = home / "dataset"

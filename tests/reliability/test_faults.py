@@ -25,12 +25,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningService, noisy_image, start_service, wait_for
+from tests.conftest import RunningService, assert_error, noisy_image, start_service, wait_for
 from tests.imagegen import labelled_set
 from tests.reliability.helpers import (
     Hammer,
     _descendants,
-    assert_error,
     check_dataset_integrity,
     serve_pids,
 )

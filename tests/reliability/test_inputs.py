@@ -20,11 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningService, noisy_image, start_service
+from tests.conftest import RunningService, assert_error, noisy_image, start_service
 from tests.reliability import hostile
 from tests.reliability.helpers import (
     added_counts,
-    assert_error,
     check_dataset_integrity,
     dataset_images,
     format_memory,

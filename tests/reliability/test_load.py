@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import RunningService, noisy_image, start_service
-from tests.reliability.helpers import assert_error, format_memory, memory_mib, serve_pids
+from tests.conftest import RunningService, assert_error, noisy_image, start_service
+from tests.reliability.helpers import format_memory, memory_mib, serve_pids
 
 pytestmark = pytest.mark.slow
 

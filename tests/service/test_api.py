@@ -9,7 +9,6 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +17,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import Metrics, RequestGuard, merge_exposition
-from tests.conftest import RunningService, image_bytes, noisy_image, start_service
+from tests.conftest import (
+    IMAGE_MODES,
+    RunningService,
+    assert_error,
+    image_bytes,
+    noisy_image,
+    start_service,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +44,6 @@ def dataset_files(home: Path) -> set[str]:
     root = home / "dataset"
     return {str(p.relative_to(root)) for p in root.rglob("*")
             if p.is_file() and not p.name.startswith(".") and p.name != "ledger.jsonl"}
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -158,13 +154,7 @@ def test_body_over_limit_is_413_before_decoding(svc: RunningService) -> None:
 
 # -- predict: good inputs ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("data", [
-    image_bytes((10, 200, 30, 5), "JPEG", mode="CMYK"),
-    image_bytes(128, "PNG", mode="L"),
-    image_bytes((10, 20, 200, 100), "PNG", mode="RGBA"),
-    image_bytes(40000, "PNG", mode="I;16"),
-    image_bytes((1, 2, 3), "WEBP"),
-], ids=["cmyk", "gray", "rgba", "16bit", "webp"])
+@pytest.mark.parametrize("data", IMAGE_MODES.values(), ids=IMAGE_MODES.keys())
 def test_predict_accepts_modes(svc: RunningService, data: bytes) -> None:
     with svc.client() as c:
         r = c.post("/v1/predict", files=files(("img", data)), params={"top_k": 2})

@@ -16,7 +16,7 @@ from service.classifier import Classifier, ModelNotLoaded
 from service.controller import TrainingController
 from service.predictions import PredictionNotFound, PredictionStore, new_prediction_id
 from service.settings import SettingsError, load_settings
-from tests.conftest import BACKBONE, image_bytes, noisy_image
+from tests.conftest import BACKBONE, IMAGE_MODES, image_bytes, noisy_image
 from training.dataset import DatasetStore
 from training.model import build_model
 from training.presets import EvalPreset
@@ -70,14 +70,8 @@ def exif_rotated_jpeg() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("data", [
-    image_bytes((10, 200, 30, 5), "JPEG", mode="CMYK"),
-    image_bytes(128, "PNG", mode="L"),
-    image_bytes((10, 20, 200, 100), "PNG", mode="RGBA"),
-    image_bytes(40000, "PNG", mode="I;16"),
-    image_bytes((1, 2, 3), "WEBP"),
-    exif_rotated_jpeg(),
-], ids=["cmyk-jpeg", "gray", "rgba", "16bit", "webp", "exif-rotated"])
+@pytest.mark.parametrize("data", [*IMAGE_MODES.values(), exif_rotated_jpeg()],
+                         ids=[*IMAGE_MODES.keys(), "exif-rotated"])
 def test_every_mode_is_classified(home: Path, data: bytes) -> None:
     clf = Classifier(home)
     clf.sync()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from service.cli import build_parser, main
-from tests.conftest import BACKBONE, free_port, noisy_image, wait_for
+from tests.conftest import BACKBONE, free_port, noisy_image, wait_for, wait_ready
 
 COMMANDS = ["up", "train", "import", "models", "predict", "label", "activate"]
 
@@ -74,17 +73,11 @@ def run_up(tmp_path: Path, home: Path, port: int, env: dict[str, str], log: Any)
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
+        def alive() -> bool:
             assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("visionloop up did not become ready")
+            return True
+
+        wait_ready(url, timeout=180, alive=alive)
         def printed() -> str | None:
             text = (tmp_path / "up.log").read_text()
             return text if f"visionloop is up at {url}" in text else None
