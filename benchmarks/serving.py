@@ -188,9 +188,21 @@ def _ready(url: str) -> bool:
 
 
 def stop() -> None:
+    """Shut Serve down and wait until its controller is gone: a `serve.start` while the old
+    controller is still being killed joins it, and dies with it."""
+    import ray
     from ray import serve
 
     serve.shutdown()
+
+    def controller_gone() -> bool:
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        except ValueError:
+            return True
+        return False
+
+    wait_for(controller_gone, 60, what="the Serve controller to exit")
 
 
 def hot_reload(url: str, home: Path, jpegs: list[bytes]) -> dict[str, Any]:
