@@ -52,11 +52,12 @@ APP_NAME = "visionloop"
 # before the local cluster starts (`serve_environment`), or in the environment of every
 # `ray start` of an existing cluster (docker-compose.yml passes them). A value already set wins.
 SERVE_ENVIRONMENT = {
-    # Serve's HAProxy front end is opt-in (RAY_SERVE_ENABLE_HA_PROXY=1). Measured here (2 cores,
-    # benchmarks/serving.py, a no-op handler) it costs 3.8 ms instead of 13 ms per request, but
-    # Ray 2.60's HAProxy also binds its stats page (8404) and metrics (9101) on every interface,
-    # at fixed ports: against our rule that nothing but the API is exposed, and two services on
-    # one machine collide. Off by default until those can be bound to loopback.
+    # Serve's HAProxy front end is opt-in for `visionloop up` (RAY_SERVE_ENABLE_HA_PROXY=1) and on
+    # in compose. Measured here (2 cores, benchmarks/serving.py, a no-op handler, 1 client) it
+    # answers in 1.7 ms against 10.3 ms for the Python proxy, but Ray 2.60's HAProxy also binds
+    # its stats page (8404) and metrics (9101) on every interface: against our rule that nothing
+    # but the API is exposed on a host, and two services on one machine collide. Inside a
+    # compose network those ports are not published, hence on there.
     "RAY_SERVE_ENABLE_HA_PROXY": "0",
 }
 
