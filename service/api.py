@@ -3,8 +3,8 @@
 Routes only translate HTTP to calls: predictions go to the classifier of this replica (and
 readiness, activate and /metrics to every replica), training starts and cancels go to the
 training controller (both through the small client protocols below, which `service.deployments`
-implements), and everything else reads or writes the
-volume through the training contract (`DatasetStore`, `Registry`, `JobStore`) directly.
+implements), and everything else reads or writes the volume through the training contract
+(`DatasetStore`, `Registry`, `JobStore`) directly.
 
 In front of the routes, `RequestGuard` (pure ASGI) answers by itself:
 - 503 + Retry-After when `max_in_flight` requests are already in flight in this replica;

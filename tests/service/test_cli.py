@@ -78,6 +78,7 @@ def run_up(tmp_path: Path, home: Path, port: int, env: dict[str, str], log: Any)
             return True
 
         wait_ready(url, timeout=180, alive=alive)
+
         def printed() -> str | None:
             text = (tmp_path / "up.log").read_text()
             return text if f"visionloop is up at {url}" in text else None

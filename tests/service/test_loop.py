@@ -137,6 +137,24 @@ def test_activate_rolls_back_on_every_replica(svc: RunningService) -> None:
         assert c.get("/v1/models").json()["current"] == "v1"
 
 
+def predictions_counted(svc: RunningService) -> float:
+    """`visionloop_predictions_total` over every version, as /metrics reports it."""
+    text = httpx.get(f"{svc.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("visionloop_predictions_total{"))
+
+
+def test_metrics_count_every_replica(svc: RunningService) -> None:
+    before = predictions_counted(svc)
+    with svc.client() as c:
+        for i in range(16):  # spread over both replicas by Serve's router
+            r = c.post("/v1/predict", files=[("files", ("x.png", noisy_image(i, BLUE)))])
+            assert r.status_code == 200, r.text
+    assert predictions_counted(svc) - before == 16  # whichever replica answers the scrape
+    text = httpx.get(f"{svc.url}/metrics", timeout=10).text
+    assert 'visionloop_model_info{version="v1"} 2.0' in text  # one per replica
+
+
 def test_schedule_fires_once_enough_new_labels(svc: RunningService) -> None:
     with svc.client() as c:
         upload(c, "red", RED, range(200, 200 + MIN_NEW - 1))

@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from training.registry import Registry
+from training.registry import InvalidVersion, Registry
 
 PUBLISH_FOREVER = """
 import sys, time, torch
@@ -93,10 +94,6 @@ def test_retention_keeps_current_its_parent_and_v0(tmp_path: Path) -> None:
 
 
 def test_a_flipped_bit_in_the_weights_is_refused(tmp_path: Path) -> None:
-    import pytest
-
-    from training.registry import InvalidVersion
-
     registry = Registry(tmp_path)
     registry.ensure_v0("efficientnet_lite0")
     weights = registry.version_dir("v0") / "model.safetensors"
