@@ -24,15 +24,17 @@ from typing import Any
 import torch
 from PIL import Image
 
+from training.errors import DomainError
 from training.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from training.registry import InvalidVersion, LoadedModel, Registry
 
 log = logging.getLogger(__name__)
 
 
-class ModelNotLoaded(RuntimeError):
+class ModelNotLoaded(DomainError, RuntimeError):
     code = "model_not_loaded"
     status = 503
+    headers = {"Retry-After": "1"}
 
 
 class ModelCheckFailed(InvalidVersion):

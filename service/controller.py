@@ -32,6 +32,7 @@ from service.predictions import PredictionStore
 from service.settings import Settings
 from training.config import TrainConfig
 from training.dataset import DatasetStore, DatasetTooSmall, write_file_atomic
+from training.errors import DomainError
 from training.jobs import ACTIVE, JobRunning, JobStore
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 SCHEDULE_STATE = "schedule.state"  # JSON; not *.json, which JobStore reads as job records
 
 
-class InvalidTrainRequest(ValueError):
+class InvalidTrainRequest(DomainError, ValueError):
     code = "invalid_train_request"
     status = 400
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training.errors import DomainError
 from training.imageio import probe_image
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
-class PredictionNotFound(LookupError):
+class PredictionNotFound(DomainError, LookupError):
     code = "prediction_not_found"
     status = 404
 

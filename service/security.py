@@ -16,15 +16,20 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
+from training.errors import DomainError
+
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = Path("secrets") / "api-token"
 
 
-class AuthError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code = status, code
+class AuthError(DomainError):
+    """401 (no or wrong token; answered with `WWW-Authenticate: Bearer`) or 403 (a valid
+    token without the right)."""
+
+    code = "unauthorized"
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 def token_path(home: Path | str) -> Path:
@@ -81,12 +86,12 @@ def authorize(authorization: str | None, api_token: str, predict_token: str | No
     if need == "predict" and predict_token is None:
         return
     if token is None:
-        raise AuthError(401, "unauthorized", "missing bearer token (Authorization: Bearer ...)")
+        raise AuthError("missing bearer token (Authorization: Bearer ...)")
     if _same(token, api_token):
         return
     if _same(token, predict_token):
         if need == "predict":
             return
-        raise AuthError(403, "forbidden", "the predict token does not open this endpoint; "
-                                          "use the API token")
-    raise AuthError(401, "unauthorized", "wrong token")
+        raise AuthError("the predict token does not open this endpoint; use the API token",
+                        code="forbidden", status=403, headers={})
+    raise AuthError("wrong token")

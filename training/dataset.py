@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
+from training.errors import DomainError
 from training.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image, probe_image
 
 log = logging.getLogger(__name__)
@@ -43,18 +44,21 @@ Split = Literal["train", "val"]
 Status = Literal["added", "duplicate", "relabelled"]
 
 
-class InvalidLabel(ValueError):
+class InvalidLabel(DomainError, ValueError):
     code = "invalid_label"
     status = 400
 
 
-class VolumeFull(OSError):
+class VolumeFull(DomainError, OSError):
     code = "insufficient_storage"
     status = 507
 
 
-class DatasetTooSmall(ValueError):
+class DatasetTooSmall(DomainError, ValueError):
     """The dataset cannot be trained on yet; the message says what to add."""
+
+    code = "dataset_too_small"
+    status = 400
 
 
 def check_label(label: str) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from training.errors import DomainError
+
 ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP"})
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -26,7 +28,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageError(ValueError):
+class ImageError(DomainError, ValueError):
     """A refused upload. `code` is the API error code, `status` the HTTP status it maps to."""
 
     code = "invalid_image"

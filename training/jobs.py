@@ -22,6 +22,7 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 
 from training.dataset import write_file_atomic
+from training.errors import DomainError
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,16 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE = ("queued", "running")
 
 
-class JobRunning(RuntimeError):
+class JobRunning(DomainError, RuntimeError):
     """Another training job holds this volume's job lock."""
 
     code = "job_running"
     status = 409
 
 
-class JobNotFound(LookupError):
-    pass
+class JobNotFound(DomainError, LookupError):
+    code = "job_not_found"
+    status = 404
 
 
 def new_job_id() -> str:
@@ -56,7 +58,7 @@ class JobStore:
 
     def path(self, job_id: str) -> Path:
         if not job_id or "/" in job_id or job_id.startswith("."):
-            raise JobNotFound(job_id)
+            raise JobNotFound(f"no such training job {job_id!r}")
         return self.root / f"{job_id}.json"
 
     def create(self, config: dict[str, Any], source: str, job_id: str | None = None
@@ -79,7 +81,7 @@ class JobStore:
         try:
             return json.loads(self.path(job_id).read_text())
         except FileNotFoundError:
-            raise JobNotFound(job_id) from None
+            raise JobNotFound(f"no such training job {job_id!r}") from None
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
         record = self.get(job_id)
@@ -98,6 +100,12 @@ class JobStore:
             except (OSError, json.JSONDecodeError):
                 log.warning("unreadable job record %s", p)
         return sorted(out, key=lambda r: r.get("created_at") or 0, reverse=True)
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        """The record with live progress and metrics merged in while the job runs."""
+        from training.job import job_view
+
+        return job_view(self, job_id)
 
     def last(self) -> dict[str, Any] | None:
         jobs = self.list()

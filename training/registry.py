@@ -33,6 +33,7 @@ from filelock import FileLock
 from torch import nn
 
 from training.dataset import fsync_dir, write_file_atomic
+from training.errors import DomainError
 from training.inference import ONNX_FILE, OnnxModule, choose_engine, onnxruntime_available
 from training.model import BackboneChoice, build_model, imagenet_categories, resolve_backbone
 from training.presets import EvalPreset
@@ -46,12 +47,16 @@ DATA = "data.json"
 FORMAT_VERSION = 1
 
 
-class VersionNotFound(LookupError):
-    pass
+class VersionNotFound(DomainError, LookupError):
+    code = "version_not_found"
+    status = 404
 
 
-class InvalidVersion(ValueError):
+class InvalidVersion(DomainError, ValueError):
     """A version that exists but cannot be loaded (missing or corrupt files)."""
+
+    code = "invalid_version"
+    status = 500
 
 
 def version_number(version: str) -> int:
