@@ -1,7 +1,12 @@
 """The pure-PyTorch training engine: data, optimiser, schedule, one epoch, evaluation.
 
 No Ray here (the GPU benchmark machine has none): `training/loop.py` wraps these functions for
-Ray Train, and `fit_plain` runs them in one process (the tutorial's loop, for baselines).
+Ray Train (or plain torch.distributed), and `fit_plain` runs them in one process (the tutorial's
+loop, for baselines).
+
+Mixed precision (`Precision`): on a GPU, bf16 autocast where the GPU supports it, else fp16
+autocast with a `GradScaler` (fp16's narrow exponent underflows small gradients without loss
+scaling); fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import torch
 from torch import nn
@@ -75,22 +80,67 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
 @dataclass
 class EpochStats:
+    """One pass: mean loss, accuracy in [0, 1], images seen, wall seconds, the (true,
+    predicted) confusion matrix (evaluation only; num_classes x num_classes counts) and the
+    number of correct predictions (an exact count, for reducing across workers)."""
+
     loss: float
     accuracy: float
     count: int
     seconds: float = 0.0
     confusion: list[list[int]] = field(default_factory=list)
+    correct: int = 0
 
     def per_class_accuracy(self) -> list[float | None]:
         return [row[i] / sum(row) if sum(row) else None for i, row in enumerate(self.confusion)]
 
 
-StepCallback = Callable[[int, int, float], None]  # (step, steps, running loss)
+StepCallback = Callable[[int, int], None]  # (steps done, steps in the epoch)
 
 
-def _autocast(device: torch.device, amp: bool):
-    enabled = amp and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype on one device type: None = fp32. fp16 needs a GradScaler."""
+
+    device_type: str
+    dtype: torch.dtype | None = None
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype or torch.float32,
+                              enabled=self.dtype is not None)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Enabled for fp16 only; a disabled scaler passes the loss and the step through."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_scaler)
+
+    def __str__(self) -> str:
+        return "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
+
+def choose_precision(device_type: str, amp: bool, bf16_supported: bool) -> Precision:
+    """amp on a GPU: bf16 where supported (same exponent range as fp32: no loss scaling),
+    else fp16 (with a GradScaler). The CPU trains in fp32 (autocast there is slower)."""
+    if not amp or device_type != "cuda":
+        return Precision(device_type)
+    return Precision(device_type, torch.bfloat16 if bf16_supported else torch.float16)
+
+
+def precision_for(device: torch.device, amp: bool) -> Precision:
+    """`choose_precision` with this machine's answer to "does the GPU do bf16?" (natively:
+    before Ampere bf16 only runs emulated, slower than fp16)."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return choose_precision(device.type, amp, bf16)
+
+
+Amp: TypeAlias = bool | Precision  # True: `precision_for(device, True)`
+
+
+def _precision(device: torch.device, amp: Amp) -> Precision:
+    return amp if isinstance(amp, Precision) else precision_for(device, amp)
 
 
 class Batches(Protocol):
@@ -114,53 +164,69 @@ def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
 def train_one_epoch(model: nn.Module, loader: Batches, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-                    device: torch.device, amp: bool = False, channels_last: bool = False,
-                    on_step: StepCallback | None = None) -> EpochStats:
-    """One pass over `loader`. Returns this process's sums (callers reduce across workers)."""
+                    device: torch.device, amp: Amp = False, channels_last: bool = False,
+                    on_step: StepCallback | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> EpochStats:
+    """One pass over `loader` ((N, 3, H, W) float32 normalised images, (N,) int64 labels).
+    Returns this process's sums (callers reduce across workers).
+
+    `scaler`: the run's GradScaler (it adapts its scale across epochs, and is checkpointed);
+    with fp16 and none given, one lives for this epoch. Loss and accuracy accumulate on the
+    device, so a step waits for the GPU only where `on_step` does.
+    """
     set_train_mode(model)
+    precision = _precision(device, amp)
+    if scaler is None:
+        scaler = precision.grad_scaler()
     start = time.perf_counter()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
     steps = len(loader)
     for step, batch in enumerate(loader):
         x, y = _to_device(batch, device, channels_last)
-        with _autocast(device, amp):
+        with precision.autocast():
             logits = model(x)
             loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         n = y.shape[0]
-        loss_sum += loss.item() * n
-        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(1) == y).sum()
         count += n
         if on_step is not None:
-            on_step(step + 1, steps, loss_sum / count)
-    return EpochStats(loss_sum / max(1, count), correct / max(1, count), count,
-                      time.perf_counter() - start)
+            on_step(step + 1, steps)
+    n_correct = int(correct)
+    return EpochStats(float(loss_sum) / max(1, count), n_correct / max(1, count), count,
+                      time.perf_counter() - start, correct=n_correct)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
-             num_classes: int, amp: bool = False, channels_last: bool = False) -> EpochStats:
+def evaluate(model: nn.Module, loader: Batches, criterion: nn.Module, device: torch.device,
+             num_classes: int, amp: Amp = False, channels_last: bool = False) -> EpochStats:
     """Loss, accuracy and the (true, predicted) confusion matrix over `loader`."""
     model.eval()
+    precision = _precision(device, amp)
     start = time.perf_counter()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    loss_sum, count = 0.0, 0
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for batch in loader:
         x, y = _to_device(batch, device, channels_last)
-        with _autocast(device, amp):
+        with precision.autocast():
             logits = model(x)
-        loss_sum += criterion(logits.float(), y).item() * y.shape[0]
+        loss_sum += criterion(logits.float(), y).double() * y.shape[0]
         count += y.shape[0]
-        pred = logits.argmax(1).cpu()
-        confusion += torch.bincount(y.cpu() * num_classes + pred,
-                                    minlength=num_classes**2).view(num_classes, num_classes)
-    correct = int(confusion.diag().sum())
-    return EpochStats(loss_sum / max(1, count), correct / max(1, count), count,
-                      time.perf_counter() - start, confusion.tolist())
+        confusion += torch.bincount(y * num_classes + logits.argmax(1),
+                                    minlength=num_classes**2)
+    matrix = confusion.view(num_classes, num_classes).cpu()
+    correct = int(matrix.diag().sum())
+    return EpochStats(float(loss_sum) / max(1, count), correct / max(1, count), count,
+                      time.perf_counter() - start, matrix.tolist(), correct)
 
 
 def prepare_model(cfg: TrainConfig, backbone: str, num_classes: int, pretrained: bool = True,
@@ -197,13 +263,15 @@ def fit_plain(model: nn.Module, backbone_params: list[nn.Parameter],
     optimizer = build_optimizer(backbone_params, head_params, cfg)
     total = cfg.epochs * len(train_loader)
     scheduler = build_scheduler(optimizer, warmup_steps(cfg, len(train_loader)), total)
+    precision = precision_for(device, cfg.amp)
+    scaler = precision.grad_scaler()
     history: list[dict] = []
     best, best_state, images, seconds = -1.0, {}, 0, 0.0
     cl = cfg.channels_last and device.type == "cuda"
     for epoch in range(cfg.epochs):
         tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device,
-                             cfg.amp, cl)
-        va = evaluate(model, val_loader, criterion, device, num_classes, cfg.amp, cl)
+                             precision, cl, scaler=scaler)
+        va = evaluate(model, val_loader, criterion, device, num_classes, precision, cl)
         images += tr.count
         seconds += tr.seconds
         history.append({"epoch": epoch + 1, "train_loss": tr.loss, "train_accuracy": tr.accuracy,

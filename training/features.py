@@ -104,9 +104,11 @@ class FeatureCache:
 @torch.no_grad()
 def compute_features(extractor: nn.Module, files: Sequence[tuple[str, Path]],
                      preset: EvalPreset, cache: FeatureCache, device: torch.device,
-                     batch_size: int = 32, channels_last: bool = False) -> int:
-    """Run the frozen backbone over (sha256, path) pairs and store each feature vector.
-    -> how many were computed."""
+                     batch_size: int = 32, channels_last: bool = False,
+                     num_workers: int = 0) -> int:
+    """Run the frozen backbone over (sha256, path) pairs and store each (D,) float32 feature
+    vector. `num_workers`: DataLoader processes decoding the images (on a GPU the decoding,
+    not the backbone, is the slow part). -> how many were computed."""
     from training.engine import ImageFileDataset
 
     if not files:
@@ -115,8 +117,10 @@ def compute_features(extractor: nn.Module, files: Sequence[tuple[str, Path]],
     ds = ImageFileDataset([(str(p), i) for i, (_, p) in enumerate(files)], preset,
                           preset.resize)
     done = 0
-    for x, idx in DataLoader(ds, batch_size=batch_size):
-        x = x.to(device)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    for x, idx in loader:
+        x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         feats = extractor(x).flatten(1)
