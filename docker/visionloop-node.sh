@@ -13,8 +13,11 @@
 #   VISIONLOOP_HOME            the data volume (default /data); must be writable
 #   VISIONLOOP_PORT            HTTP port of the service (default 8000)
 #   RAY_AUTH_MODE              token (default) or disabled
-#   RAY_AUTH_TOKEN             the cluster's shared token; required on workers (the head makes
-#                              one up, with a warning, when none is given: it can then run alone)
+#   RAY_AUTH_TOKEN             the cluster's shared token; when given, it wins. When not, the
+#                              token file below is used: the head generates it on first start
+#                              (0600), so every node that mounts the same volume joins with it
+#   RAY_AUTH_TOKEN_PATH        that file (default $VISIONLOOP_HOME/secrets/ray-token); Ray reads
+#                              the same variable, so compose sets it for `docker compose exec`
 #   RAY_HEAD_ADDRESS           worker only: the head's GCS (default head:6379)
 #   VISIONLOOP_HEAD_NUM_CPUS   logical CPUs the head offers to Ray (default 0, Ray's advice for
 #                              a head node): the Serve replicas reserve 0 CPUs
@@ -46,6 +49,63 @@ check_common() {
   if ! mkdir -p "$VISIONLOOP_HOME/cache" 2>/dev/null || [ ! -w "$VISIONLOOP_HOME" ]; then
     die "VISIONLOOP_HOME=$VISIONLOOP_HOME is not writable by uid $(id -u); mount a volume there (the compose file does) or chown it to $(id -u):$(id -g)"
   fi
+  TOKEN_FILE="${RAY_AUTH_TOKEN_PATH:-$VISIONLOOP_HOME/secrets/ray-token}"
+}
+
+# The Ray token, in order: RAY_AUTH_TOKEN given to this node; the token file on the shared
+# volume. A file that exists but is empty or unreadable is refused, not replaced: this script
+# never leaves one (it writes under a temporary name first), so something else is wrong (an
+# owner, a mount), and a new token would lock out the nodes that hold the old one.
+# -> 0 and RAY_AUTH_TOKEN exported when found; 1 when neither is there.
+load_ray_token() {
+  if [ -n "${RAY_AUTH_TOKEN:-}" ]; then
+    export RAY_AUTH_TOKEN
+    return 0
+  fi
+  [ -e "$TOKEN_FILE" ] || return 1
+  local token=""
+  if [ -r "$TOKEN_FILE" ]; then
+    token=$(tr -d '[:space:]' <"$TOKEN_FILE")
+  fi
+  if [ -z "$token" ]; then
+    die "the Ray token file $TOKEN_FILE is empty or unreadable by uid $(id -u); remove it (the head then generates a new one; restart every node) or set RAY_AUTH_TOKEN" 78
+  fi
+  RAY_AUTH_TOKEN="$token"
+  export RAY_AUTH_TOKEN
+  return 0
+}
+
+# Head, no token given and none on the volume yet: generate one into TOKEN_FILE (0600). Written
+# under a temporary name, fsynced, then hard-linked into place: the link is atomic and never
+# replaces a file, so two heads starting on one volume end up with the same token (the first).
+generate_ray_token() {
+  python - "$TOKEN_FILE" <<'PY' || die "could not write the Ray token file $TOKEN_FILE (above)" 73
+import os
+import secrets
+import sys
+
+path = sys.argv[1]
+folder = os.path.dirname(path) or "."
+os.makedirs(folder, mode=0o700, exist_ok=True)
+tmp = f"{path}.{os.getpid()}.tmp"
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+try:
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+finally:
+    os.unlink(tmp)
+dir_fd = os.open(folder, os.O_RDONLY)
+try:
+    os.fsync(dir_fd)
+finally:
+    os.close(dir_fd)
+PY
 }
 
 # The service's own settings check, run before Ray starts so that a bad VISIONLOOP_* value
@@ -73,10 +133,16 @@ run_head() {
   local port="${VISIONLOOP_PORT:-8000}" cpus="${VISIONLOOP_HEAD_NUM_CPUS:-0}"
   require_uint VISIONLOOP_PORT "$port"
   require_uint VISIONLOOP_HEAD_NUM_CPUS "$cpus"
-  if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
-    RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
-    export RAY_AUTH_TOKEN
-    log "warning: RAY_AUTH_TOKEN is not set; made up a token for this run, so no worker can join (set RAY_AUTH_TOKEN on the head and every worker)"
+  if [ "$RAY_AUTH_MODE" = token ]; then
+    if [ -n "${RAY_AUTH_TOKEN:-}" ]; then
+      log "Ray token: RAY_AUTH_TOKEN from the environment"
+    elif load_ray_token; then
+      log "Ray token: $TOKEN_FILE"
+    else
+      generate_ray_token
+      load_ray_token || die "the Ray token file $TOKEN_FILE vanished right after it was written" 73
+      log "generated the cluster's Ray token into $TOKEN_FILE (mode 0600): every node that mounts this volume joins with it; set RAY_AUTH_TOKEN on every node to use your own"
+    fi
   fi
 
   log "starting the Ray head (GCS :6379, ${cpus} logical CPU(s) offered to Ray, dashboard :8265)"
@@ -115,10 +181,10 @@ run_worker() {
   check_common
   local head="${RAY_HEAD_ADDRESS:-head:6379}" wait_s="${VISIONLOOP_WORKER_WAIT_S:-180}"
   require_uint VISIONLOOP_WORKER_WAIT_S "$wait_s"
-  if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
-    die "RAY_AUTH_TOKEN is not set: a worker needs the head's token to join (set it in .env, see .env.example)"
+  local token_source="$TOKEN_FILE" cpu_args=()
+  if [ -n "${RAY_AUTH_TOKEN:-}" ]; then
+    token_source="RAY_AUTH_TOKEN from the environment"
   fi
-  local cpu_args=()
   if [ -n "${VISIONLOOP_NODE_NUM_CPUS:-}" ]; then
     require_uint VISIONLOOP_NODE_NUM_CPUS "$VISIONLOOP_NODE_NUM_CPUS"
     cpu_args=(--num-cpus="$VISIONLOOP_NODE_NUM_CPUS")
@@ -130,10 +196,22 @@ run_worker() {
   # the head is starting on the same cores); `ray start` below then checks the token itself.
   until (exec 3<>"/dev/tcp/${head%:*}/${head##*:}") 2>/dev/null; do
     if [ "$SECONDS" -ge "$deadline" ]; then
-      die "the Ray head at $head did not answer within ${wait_s} s (RAY_HEAD_ADDRESS, RAY_AUTH_TOKEN)" 69
+      if [ "$RAY_AUTH_MODE" = token ] && ! load_ray_token; then
+        die "the Ray head at $head did not answer within ${wait_s} s (RAY_HEAD_ADDRESS), and this node has no Ray token: RAY_AUTH_TOKEN is not set and $TOKEN_FILE does not exist (the head writes it there on first start; mount its volume at VISIONLOOP_HOME, or set RAY_AUTH_TOKEN to the head's token)" 69
+      fi
+      die "the Ray head at $head did not answer within ${wait_s} s (RAY_HEAD_ADDRESS)" 69
     fi
     sleep 2
   done
+  # The head writes a generated token before its GCS listens, so once the GCS answers, a node
+  # that shares the head's volume finds the token there.
+  if [ "$RAY_AUTH_MODE" = token ]; then
+    if load_ray_token; then
+      log "Ray token: $token_source"
+    else
+      die "no Ray token to join $head with: RAY_AUTH_TOKEN is not set and $TOKEN_FILE does not exist (the head writes it there on first start when no token is given). Mount the head's volume at VISIONLOOP_HOME (RAY_AUTH_TOKEN_PATH), or set RAY_AUTH_TOKEN to the head's token" 78
+    fi
+  fi
 
   log "joining $head"
   # --block: stay in the foreground and exit when a Ray process of this node dies; a raylet that

@@ -1,8 +1,9 @@
 """Deployment: the compose stack, end to end, as a user runs it.
 
-The work is done by scripts/compose_e2e.py (runnable on its own); this wrapper streams its
-output, fails on its failures and skips, with the script's reason, only when no Docker engine can
-be had (not root and none running, or .ci/docker-setup.sh could not start one).
+The work is done by tests/deploy/compose_scenario.py (runnable on its own: `python -m
+tests.deploy.compose_scenario`); this wrapper streams its output, fails on its failures and
+skips, with the scenario's reason, only when no Docker engine can be had (not root and none
+running, or .ci/docker-setup.sh could not start one).
 
     bash .ci/docker-setup.sh && python -m pytest -m docker tests/deploy -s
 """
@@ -23,9 +24,12 @@ pytestmark = pytest.mark.docker
 
 @pytest.mark.timeout(3000)
 def test_compose_stack_end_to_end() -> None:
-    """Build, up, predict with v0, label, train on a worker, hot swap, down, up: still served."""
+    """Build; a fresh `up` with no token given (generated, shared through the volume); predict
+    with v0; label; a 2-worker job over two worker containers, one killed mid-job, resumed from
+    its checkpoint on the others; hot swap; down, up with given tokens (they win): still
+    served; a bad setting refused."""
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "compose_e2e.py")],
+        [sys.executable, "-m", "tests.deploy.compose_scenario"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+RAY_TOKEN_FILE = "/data/secrets/ray-token"
+SECRETS_OVERRIDE = "docker/compose.secrets.yml"
+SECRET = "visionloop_api_token"
 
 pytestmark = pytest.mark.docker
 
@@ -90,15 +93,45 @@ def test_compose_files_are_valid(tmp_path: Path, files: list[str]) -> None:
     for service in (head, worker):
         assert service["environment"]["VISIONLOOP_HOME"] == "/data"
         assert service["environment"]["RAY_AUTH_MODE"] == "token"
+        # A given token is passed to every node (it wins over the volume's token file).
         assert service["environment"]["RAY_AUTH_TOKEN"] == "t" * 64
+        assert service["environment"]["RAY_AUTH_TOKEN_PATH"] == RAY_TOKEN_FILE
         assert [v["target"] for v in service["volumes"]] == ["/data"]
         assert service["healthcheck"]["test"][-1] in {"head", "worker"}
         assert int(service["shm_size"]) >= 1 << 30
     assert "version" not in config
 
 
-def test_compose_refuses_to_start_without_the_ray_token(tmp_path: Path) -> None:
-    env_file = _env(tmp_path, VISIONLOOP_API_TOKEN="x")
-    result = _compose("--env-file", str(env_file), "config", "--quiet")
-    assert result.returncode != 0
-    assert "RAY_AUTH_TOKEN" in result.stderr
+def test_compose_needs_no_token(tmp_path: Path) -> None:
+    """A fresh clone, no .env: the stack starts; every node then uses the Ray token file on the
+    shared volume (the head generates it), and Ray's own processes are pointed at it."""
+    result = _compose("--env-file", str(_env(tmp_path)), "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    for name in ("head", "worker"):
+        env = config["services"][name]["environment"]
+        assert env.get("RAY_AUTH_TOKEN") is None, f"{name}: {env.get('RAY_AUTH_TOKEN')!r}"
+        assert env["RAY_AUTH_TOKEN_PATH"] == RAY_TOKEN_FILE
+        assert RAY_TOKEN_FILE.startswith(env["VISIONLOOP_HOME"] + "/"), "not on the volume"
+    assert "secrets" not in config, "a secret in the default files makes its file mandatory"
+
+
+def test_api_token_secret_is_opt_in(tmp_path: Path) -> None:
+    """docker/compose.secrets.yml mounts the API token file as a Docker secret in the head and
+    names it in VISIONLOOP_API_TOKEN_FILE; the host file is ./secrets/visionloop_api_token
+    unless VISIONLOOP_API_TOKEN_SECRET names another."""
+    files = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "-f", SECRETS_OVERRIDE]
+    elsewhere = tmp_path / "token"
+    for values, source in (
+        ({}, REPO / "secrets" / SECRET),
+        ({"VISIONLOOP_API_TOKEN_SECRET": str(elsewhere)}, elsewhere),
+    ):
+        env = _env(tmp_path, **values)
+        result = _compose("--env-file", str(env), *files, "config", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        config = json.loads(result.stdout)
+        head, worker = config["services"]["head"], config["services"]["worker"]
+        assert head["secrets"] == [{"source": SECRET, "target": f"/run/secrets/{SECRET}"}]
+        assert head["environment"]["VISIONLOOP_API_TOKEN_FILE"] == f"/run/secrets/{SECRET}"
+        assert config["secrets"][SECRET]["file"] == str(source)
+        assert not worker.get("secrets"), "workers never need the API token"
