@@ -14,14 +14,15 @@ built beforehand) posting 640x480 photo-like JPEGs (multipart) over loopback. Se
    p50 at 1 client - in-process p50 at batch 1;
 3. hot reload: with 2 replicas under load, seconds from CURRENT changing to every replica
    answering with the new version, and failed requests during the swap.
-The peer figure quoted for comparison: TorchServe 0.12 serving the same model to 16 clients
-reached 42-46 images/s on one of our 2-core machines (measured by the team, 2026-11).
+The results also quote a peer figure for comparison, TORCHSERVE_16_CLIENTS: TorchServe 0.12
+serving the same model to 16 clients on one of our 2-core machines (measured by the team).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -37,10 +38,12 @@ from ray import serve
 from benchmarks.common import percentiles, photo_jpegs, write_results
 from benchmarks.pipeline import best_layout, export_model, latency_batch1, pipeline_throughput
 from service.app import serve_environment
-from tests.conftest import free_port, start_service, wait_for
+from tests.support.load import Hammer
+from tests.support.service import start_service
+from tests.support.waiting import free_port, wait_for, wait_ready
 from training.inference import onnxruntime_available
 
-TORCHSERVE_16_CLIENTS = "42-46"
+TORCHSERVE_16_CLIENTS = "42-46"  # images/s, measured by the team, 2026-11
 
 
 BOUNDARY = b"visionloop-bench"
@@ -81,8 +84,8 @@ async def _load(url: str, jpegs: list[bytes], clients: int, duration: float | No
                 requests: int | None) -> dict[str, Any]:
     """`clients` concurrent keep-alive connections, each posting one image at a time; -> rate,
     latencies, failures. A minimal HTTP/1.1 client on asyncio streams with the requests built
-    before the clock starts: the load generator shares the service's cores, and httpx cost
-    about 4.6 ms of CPU per request here, as much as a third of the service's own."""
+    before the clock starts: the load generator shares the service's cores, and httpx's CPU
+    cost per request is a sizeable share of the service's own."""
     parsed = httpx.URL(url)
     host, port = parsed.host, parsed.port or 80
     wire = [predict_request(f"{host}:{port}", j) for j in jpegs]
@@ -138,11 +141,6 @@ def load(url: str, jpegs: list[bytes], clients: int, duration: float | None = No
     return asyncio.run(_load(url, jpegs, clients, duration, requests))
 
 
-def start(home: Path, **overrides: Any) -> str:
-    """The real service (the same start-up the tests use), on a free loopback port."""
-    return start_service(home, **overrides).url
-
-
 def start_noop() -> str:
     """The same Serve HTTP path (proxy, FastAPI ingress, multipart parsing), no model."""
     from ray import serve
@@ -151,7 +149,7 @@ def start_noop() -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(NoopIngress.bind(), name="noop", route_prefix="/")  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url)
+    wait_ready(url, timeout=180)
     return url
 
 
@@ -176,17 +174,6 @@ class NoopIngress:
     pass
 
 
-def _wait_ready(url: str, timeout: float = 180) -> None:
-    wait_for(lambda: _ready(url), timeout, what=f"{url}/readyz")
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def stop() -> None:
     """Shut Serve down and wait until its controller is gone: a `serve.start` while the old
     controller is still being killed joins it, and dies with it."""
@@ -206,7 +193,9 @@ def stop() -> None:
 
 
 def hot_reload(url: str, home: Path, jpegs: list[bytes]) -> dict[str, Any]:
-    """Publish a copy of the current version as a new one, point CURRENT at it under load."""
+    """Publish a copy of the current version as a new one, point CURRENT at it under load
+    (4 clients): -> seconds until every replica answers with it (60 at most), and the requests
+    made meanwhile, failed and answered by the new version."""
     from training.registry import Registry
 
     registry = Registry(home)
@@ -218,46 +207,20 @@ def hot_reload(url: str, home: Path, jpegs: list[bytes]) -> dict[str, Any]:
     os.rename(staging, registry.root / version)
     registry.update_manifest(version, version=version, parent=current)
 
-    failures, seen = 0, []
+    def every_replica_on_new() -> bool:
+        versions = httpx.get(f"{url}/readyz", timeout=10).json().get("model_versions", [])
+        return bool(versions) and all(v == version for v in versions)
 
-    async def hammer(stop_at: list[float]) -> None:
-        nonlocal failures
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            i = 0
-            while not stop_at or time.perf_counter() < stop_at[0]:
-                i += 1
-                try:
-                    r = await c.post("/v1/predict",
-                                     files=[("files", ("p.jpg", jpegs[i % len(jpegs)]))])
-                    if r.status_code != 200:
-                        failures += 1
-                    else:
-                        seen.append(r.json()["model_version"])
-                except httpx.HTTPError:
-                    failures += 1
-
-    async def run() -> float:
-        stop_at: list[float] = []
-        tasks = [asyncio.create_task(hammer(stop_at)) for _ in range(4)]
-        await asyncio.sleep(2)
+    with Hammer(url, jpegs, threads=4) as hammer:
+        time.sleep(2)
         t0 = time.perf_counter()
         registry.set_current(version)
-        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
-            while True:
-                versions = (await c.get("/readyz")).json().get("model_versions", [])
-                if versions and all(v == version for v in versions):
-                    break
-                if time.perf_counter() - t0 > 60:
-                    break
-                await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):  # reported as a swap of 60 s
+            wait_for(every_replica_on_new, 60, interval=0.05, what=f"every replica on {version}")
         swap_s = time.perf_counter() - t0
-        stop_at.append(time.perf_counter() + 2)
-        await asyncio.gather(*tasks)
-        return swap_s
-
-    swap_s = asyncio.run(run())
-    return {"swap_s": round(swap_s, 2), "failed_requests": failures,
-            "requests": failures + len(seen), "answered_by_new": seen.count(version)}
+        time.sleep(2)
+    return {"swap_s": round(swap_s, 2), "failed_requests": len(hammer.failures()),
+            "requests": len(hammer.results), "answered_by_new": hammer.versions().count(version)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -308,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for name, overrides in layouts:
                 home = Path(tmp) / name.replace(" ", "_")
-                url = start_noop() if overrides is None else start(home, **overrides)
+                url = start_noop() if overrides is None else start_service(home, **overrides).url
                 one = load(url, jpegs, 1, requests=60)
                 many = load(url, jpegs, 16, duration=args.duration)
                 threads = (overrides or {}).get("classifier_threads", 1)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from benchmarks.common import write_results
-from tests.imagegen import encode, noisy_image
+from tests.support.images import encode, noisy_picture
 from training.config import TrainConfig
 from training.dataset import DatasetStore
 from training.engine import (
@@ -53,7 +53,7 @@ def make_store(home: Path, n: int, size: int, seed: int = 0) -> DatasetStore:
     store = DatasetStore(home)
     for i in range(n):
         k = i % len(COLOURS)
-        store.ingest(encode(noisy_image(COLOURS[k], seed * 10**6 + i, size), "JPEG",
+        store.ingest(encode(noisy_picture(COLOURS[k], seed * 10**6 + i, size), "JPEG",
                             quality=90), f"c{k}")
     return store
 
@@ -61,7 +61,8 @@ def make_store(home: Path, n: int, size: int, seed: int = 0) -> DatasetStore:
 def samples(store: DatasetStore) -> tuple[list, list, list[str]]:
     classes = sorted(store.counts())
     idx = {c: i for i, c in enumerate(classes)}
-    train, val = store.split()
+    splits = store.split()  # the benchmark trains on train and measures on val, as jobs do
+    train, val = splits.train, splits.val
     return ([(str(i.path), idx[i.label]) for i in train],
             [(str(i.path), idx[i.label]) for i in val], classes)
 
@@ -107,7 +108,7 @@ class _InMemory(Dataset):
 def ray_section(home: Path, cfg: TrainConfig, workers: int) -> dict[str, Any]:
     import ray
 
-    from training.job import run_job
+    from training.pipeline import run_job
 
     t = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)

@@ -13,30 +13,20 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from tests.imagegen import labelled_set
-from tests.reliability import hostile
-from tests.reliability.helpers import check_dataset_integrity
+from tests.support import hostile
+from tests.support.dataset import check_dataset_integrity
+from tests.support.hostile import PickleMarker
+from tests.support.images import labelled_set
 from training.dataset import DatasetStore, VolumeFull, load_cifar_batch
 from training.registry import InvalidVersion, Registry
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Marker:
-    """Unpickling this runs `os.mkdir(path)`: the proof that a loader executed a pickle."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return os.mkdir, (str(self.path),)
 
 
 def test_every_torch_load_in_the_code_is_weights_only() -> None:
@@ -57,7 +47,7 @@ def test_every_torch_load_in_the_code_is_weights_only() -> None:
 def test_malicious_torch_checkpoint_is_refused_by_weights_only(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 1, "evil": Marker(marker)}, path)
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 1, "evil": PickleMarker(marker)}, path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, map_location="cpu", weights_only=True)
     assert not marker.exists()
@@ -69,7 +59,7 @@ def test_malicious_pickle_as_safetensors_is_refused_by_the_registry(tmp_path: Pa
     marker = tmp_path / "pwned"
     registry = Registry(tmp_path / "home")
     version, staging = registry.allocate()
-    payload = {"weight": Marker(marker)}
+    payload = {"weight": PickleMarker(marker)}
     if writer == "pickle":
         (staging / "model.safetensors").write_bytes(pickle.dumps(payload))
     else:
@@ -85,7 +75,7 @@ def test_malicious_pickle_as_safetensors_is_refused_by_the_registry(tmp_path: Pa
 def test_malicious_cifar_batch_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "data_batch_1"
-    path.write_bytes(pickle.dumps({b"data": Marker(marker), b"labels": [0]}))
+    path.write_bytes(pickle.dumps({b"data": PickleMarker(marker), b"labels": [0]}))
     with pytest.raises(pickle.UnpicklingError):
         load_cifar_batch(path)
     assert not marker.exists()

@@ -25,14 +25,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningService, assert_error, noisy_image, start_service, wait_for
-from tests.imagegen import labelled_set
-from tests.reliability.helpers import (
-    Hammer,
-    _descendants,
-    check_dataset_integrity,
-    serve_pids,
-)
+from tests.support.dataset import check_dataset_integrity
+from tests.support.hostile import PickleMarker
+from tests.support.http import assert_error
+from tests.support.images import labelled_set, noisy_image
+from tests.support.load import Hammer
+from tests.support.processes import descendants, serve_pids
+from tests.support.service import RunningService, start_service
+from tests.support.waiting import wait_for
 from training.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -96,14 +96,14 @@ def test_replica_killed_under_load_recovers(svc: RunningService) -> None:
         wait_for(replaced, timeout=120, interval=0.2, what="a new classifier replica")
 
         def answers_again() -> bool:
-            return any(t0 > killed_at and s == 200 for t0, _, s in hammer.results)
+            return any(a.start > killed_at and a.status == 200 for a in hammer.results)
 
         wait_for(answers_again, timeout=120, interval=0.2, what="predictions after the kill")
         recovered_at = time.monotonic()
         time.sleep(3)  # and it keeps answering
     failures = hammer.failures()
-    after_recovery = [f for f in failures if f[0] > recovered_at]
-    statuses = sorted({str(f[2]) for f in failures})
+    after_recovery = [f for f in failures if f.start > recovered_at]
+    statuses = sorted({str(f.status) for f in failures})
     print(f"\n[replica-kill] {before} requests before the kill, {len(hammer.results)} in all "
           f"from {HAMMER_THREADS} clients; {len(failures)} failed (statuses {statuses}); "
           f"recovered (first 200 after the kill) in {recovered_at - killed_at:.1f}s")
@@ -112,7 +112,7 @@ def test_replica_killed_under_load_recovers(svc: RunningService) -> None:
     # the dead replica held are answered by Serve's proxy (500, its own text: nothing of ours
     # is left to answer them); requests that arrive while it restarts wait for the new one.
     assert len(failures) <= 2 * HAMMER_THREADS, failures
-    assert all(f[2] in (500, 503) for f in failures), failures
+    assert all(f.status in (500, 503) for f in failures), failures
     assert served_versions(svc) == ["v0"]
 
 
@@ -133,7 +133,7 @@ def _rank0_pid(svc: RunningService, job_id: str) -> int | None:
         pid = int(json.loads((svc.home / "jobs" / f"{job_id}.progress.json").read_text())["pid"])
     except (OSError, ValueError, KeyError):
         return None
-    return pid if pid in _descendants(os.getpid()) else None  # only our own cluster's worker
+    return pid if pid in descendants(os.getpid()) else None  # only our own cluster's worker
 
 
 def _wait_job(c: httpx.Client, job_id: str, timeout: float) -> dict[str, Any]:
@@ -289,16 +289,6 @@ def test_readyz_names_a_version_that_failed_to_load(svc: RunningService) -> None
         wait_for(lambda: served_versions(svc) == [old], timeout=30, what="the old version")
 
 
-class _Marker:
-    """Unpickling this runs `os.mkdir(path)`: the proof that a loader executed a pickle."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return os.mkdir, (str(self.path),)
-
-
 @pytest.mark.timeout(120)
 def test_malicious_pickle_as_weights_is_refused_and_never_runs(svc: RunningService,
                                                                 tmp_path: Path) -> None:
@@ -308,8 +298,8 @@ def test_malicious_pickle_as_weights_is_refused_and_never_runs(svc: RunningServi
     old = registry.current()
     marker = tmp_path / "pwned"
     evil_pickle = _copy_of_current(svc, lambda f: (f / "model.safetensors").write_bytes(
-        pickle.dumps({"weight": _Marker(marker)})))
-    evil_torch = _copy_of_current(svc, lambda f: torch.save({"weight": _Marker(marker)},
+        pickle.dumps({"weight": PickleMarker(marker)})))
+    evil_torch = _copy_of_current(svc, lambda f: torch.save({"weight": PickleMarker(marker)},
                                                             f / "model.safetensors"))
     with svc.client() as c:
         for bad in (evil_pickle, evil_torch):
@@ -370,7 +360,7 @@ def test_volume_full_answers_507_and_leaves_nothing_partial(svc: RunningService)
     statuses: list[int] = []
     sizes = 0
     with svc.client() as c:
-        for i in range(40):  # ~390 KB each: a 2 MiB volume fills within a handful
+        for i in range(40):  # noise barely compresses: a 2 MiB volume fills within a handful
             data = noisy_image(50_000 + i, (128, 128, 128), size=360)
             r = c.post("/v1/labels", data={"label": "fill"},
                        files=[("files", (f"{i}.png", data))])

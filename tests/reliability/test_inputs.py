@@ -20,16 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningService, assert_error, noisy_image, start_service
-from tests.reliability import hostile
-from tests.reliability.helpers import (
-    added_counts,
-    check_dataset_integrity,
-    dataset_images,
-    format_memory,
-    memory_mib,
-    serve_pids,
-)
+from tests.support import hostile
+from tests.support.dataset import added_counts, check_dataset_integrity, dataset_images
+from tests.support.http import assert_error
+from tests.support.images import noisy_image
+from tests.support.processes import format_memory, memory_mib, serve_pids
+from tests.support.service import RunningService, start_service
 
 pytestmark = pytest.mark.slow
 

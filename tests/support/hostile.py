@@ -1,42 +1,44 @@
-"""A corpus of hostile uploads, made on the fly: bytes only, nothing read from disk.
+"""Hostile input, made on the fly: a corpus of uploads (bytes only, nothing read from disk)
+and a pickle that proves whether a loader executed it.
 
-Every builder returns the bytes a client would send as one file. Headers are patched by hand
-where Pillow cannot write the hostile variant itself (a 65500 x 65500 JPEG header over an 8 x 8
-body, a PSD or FITS file, a WebP canvas of 16383 x 16383), so the files are small but declare
-huge images: a decoder that trusted them would allocate gigabytes.
+Every upload builder returns the bytes a client would send as one file. Headers are patched by
+hand where Pillow cannot write the hostile variant itself (a 65500 x 65500 JPEG header over an
+8 x 8 body, a PSD or FITS file, a WebP canvas of 16383 x 16383), so the files are small but
+declare huge images: a decoder that trusted them would allocate gigabytes.
 """
 
 from __future__ import annotations
 
-import io
+import os
 import struct
-import zlib
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from tests.support.images import encode, image_bytes, png_declaring
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+class PickleMarker:
+    """Unpickling this runs `os.mkdir(path)`: the proof that a loader executed a pickle."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (str(self.path),)
 
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A PNG whose IHDR declares width x height RGB, with a highly compressed IDAT: zeros that
-    would inflate to width*height*3 bytes (about 30 GB at the default size)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    compressor = zlib.compressobj(9)
-    row = b"\x00" * (1 + 3 * width)
-    idat = b"".join(compressor.compress(row) for _ in range(64)) + compressor.flush()
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
+    """A PNG whose IHDR declares width x height RGB, with a highly compressed IDAT: 64 rows of
+    zeros, while the header promises width*height*3 bytes (about 30 GB at the default size)."""
+    return png_declaring(width, height, rows=64)
 
 
 def jpeg_bomb(width: int = 65_500, height: int = 65_500) -> bytes:
     """A real 8 x 8 baseline JPEG whose SOF0 marker is patched to declare width x height."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (120, 30, 30)).save(buf, format="JPEG")
-    data = bytearray(buf.getvalue())
+    data = bytearray(image_bytes((120, 30, 30), "JPEG", (8, 8)))
     sof = data.index(b"\xff\xc0")
     # FFC0, length (2), precision (1), height (2), width (2)
     struct.pack_into(">HH", data, sof + 5, height, width)
@@ -46,9 +48,7 @@ def jpeg_bomb(width: int = 65_500, height: int = 65_500) -> bytes:
 def webp_bomb(width: int = 16_383, height: int = 16_383) -> bytes:
     """A lossless (VP8L) 8 x 8 WebP whose bitstream header is patched to declare the largest
     canvas WebP allows (16383 x 16383 = 268 megapixels)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (30, 120, 30)).save(buf, format="WEBP", lossless=True)
-    data = bytearray(buf.getvalue())
+    data = bytearray(image_bytes((30, 120, 30), "WEBP", (8, 8), lossless=True))
     pos = data.index(b"VP8L") + 8  # chunk tag + size, then the 0x2f signature
     assert data[pos] == 0x2F
     bits = int.from_bytes(data[pos + 1:pos + 5], "little")
@@ -57,12 +57,11 @@ def webp_bomb(width: int = 16_383, height: int = 16_383) -> bytes:
     return bytes(data)
 
 
-def encoded(fmt: str, size: tuple[int, int] = (300, 300), seed: int = 0, **kw: object) -> bytes:
+def encoded(fmt: str, size: tuple[int, int] = (300, 300), seed: int = 0, **save: Any) -> bytes:
+    """Uniform random RGB pixels of `size` (width, height), encoded as `fmt`."""
     rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
+    return encode(Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)),
+                  fmt, **save)
 
 
 def truncated(fmt: str) -> bytes:
@@ -73,9 +72,7 @@ def truncated(fmt: str) -> bytes:
 
 
 def eps() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, format="EPS")
-    return buf.getvalue()
+    return image_bytes((1, 2, 3), "EPS", (16, 16))
 
 
 def psd(width: int = 30_000, height: int = 30_000) -> bytes:
@@ -87,9 +84,7 @@ def psd(width: int = 30_000, height: int = 30_000) -> bytes:
 
 
 def tiff() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, format="TIFF")
-    return buf.getvalue()
+    return image_bytes((9, 9, 9), "TIFF", (32, 32))
 
 
 def fits(width: int = 20_000, height: int = 20_000) -> bytes:
@@ -104,26 +99,20 @@ def fits(width: int = 20_000, height: int = 20_000) -> bytes:
 
 def gif_many_frames(frames: int = 3000) -> bytes:
     imgs = [Image.new("RGB", (4, 4), (i % 256, i // 256, 7)) for i in range(frames)]
-    buf = io.BytesIO()
-    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=10)
-    return buf.getvalue()
+    return encode(imgs[0], "GIF", save_all=True, append_images=imgs[1:], duration=10)
 
 
 def apng_many_frames(frames: int = 2000) -> bytes:
     """An animated PNG (an allowed format) with thousands of frames: only the first may be
     decoded."""
     imgs = [Image.new("RGB", (8, 8), (i % 256, 0, 0)) for i in range(frames)]
-    buf = io.BytesIO()
-    imgs[0].save(buf, format="PNG", save_all=True, append_images=imgs[1:], duration=10)
-    return buf.getvalue()
+    return encode(imgs[0], "PNG", save_all=True, append_images=imgs[1:], duration=10)
 
 
 def animated_webp_many_frames(frames: int = 1000) -> bytes:
     imgs = [Image.new("RGB", (8, 8), (0, i % 256, 0)) for i in range(frames)]
-    buf = io.BytesIO()
-    imgs[0].save(buf, format="WEBP", save_all=True, append_images=imgs[1:], duration=10,
-                 lossless=True)
-    return buf.getvalue()
+    return encode(imgs[0], "WEBP", save_all=True, append_images=imgs[1:], duration=10,
+                  lossless=True)
 
 
 def refused_corpus() -> dict[str, tuple[bytes, int]]:
