@@ -3,32 +3,55 @@ HTTP API (`POST /v1/train` overrides use the same names) and the manifest (`trai
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from training.model import STRATEGIES, check_backbone
+from training.model import AUTO, Strategy, check_backbone
 
 
 class GateConfig(BaseModel):
-    """Promotion gate: a candidate becomes CURRENT only if it passes both checks.
+    """Promotion gate: a candidate becomes CURRENT only if it passes every check, all judged on
+    the held-out test split (`training.dataset.split_of`), which training never sees: the
+    validation split picks the best epoch, so its score of that epoch is biased upward.
 
-    - `min_val_accuracy`: absolute floor on the candidate's validation accuracy;
-    - `max_regression`: the candidate may be at most this much worse than the current model on
-      the same validation split (0.0 = not worse). Skipped when the class set changed, or when
-      the current model is version 0 (ImageNet classes), since the two are not comparable.
+    - the minimum: test accuracy >= max(`min_accuracy`, b + `min_error_reduction` * (1 - b)),
+      where b is the majority-class baseline of the test split (its no-information rate: the
+      accuracy of always answering its most frequent label). A model that ignores the image
+      scores at most b, so the default asks for a quarter of the baseline's errors to be
+      gone: 0.625 on two balanced classes, 0.325 on ten, 0.925 when one class holds 90% of
+      the images. It adapts to the number of classes and to imbalance, where an absolute
+      floor cannot (0.6 is good on ten classes and worse than guessing on a 90/10 set). It
+      applies to every job, also the first after v0 or after the classes changed, when no
+      earlier model can be compared.
+    - `max_regression`: the candidate may be at most this much worse than the current model
+      evaluated on the same test split (0.0 = not worse). Skipped when the current model has
+      other classes (version 0 has ImageNet's), since the two are not comparable.
+
+    `min_val_accuracy`, the name before the test split, is still accepted for `min_accuracy`.
     """
 
     model_config = ConfigDict(extra="forbid")
-    min_val_accuracy: float = Field(0.0, ge=0.0, le=1.0)
-    max_regression: float = Field(0.0, ge=0.0, le=1.0)
+    min_accuracy: float = Field(
+        0.0, ge=0.0, le=1.0,
+        validation_alias=AliasChoices("min_accuracy", "min_val_accuracy"),
+        description="absolute floor on the candidate's test accuracy")
+    min_error_reduction: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="share of the majority-class baseline's test errors the candidate must "
+                    "avoid")
+    max_regression: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="how much worse than the current model on the test split is allowed")
+
+    def minimum(self, baseline: float) -> float:
+        """The test accuracy a candidate needs, given the majority-class `baseline` in [0, 1]."""
+        return max(self.min_accuracy, baseline + self.min_error_reduction * (1 - baseline))
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backbone: str = "auto"
-    strategy: Literal["feature-extract", "finetune", "partial"] = "feature-extract"
+    backbone: str = AUTO
+    strategy: Strategy = "feature-extract"
     unfreeze_stages: int = Field(1, ge=1, description="partial: how many last stages train")
     epochs: int = Field(5, ge=1, le=1000)
     workers: int = Field(1, ge=1, le=256, description="Ray Train workers (DDP processes)")
@@ -43,7 +66,9 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     image_size: int = Field(224, ge=32, le=1024, description="crop size (train and eval)")
     augment: bool = True
-    num_data_workers: int = Field(0, ge=0, le=32, description="DataLoader workers per trainer")
+    num_data_workers: int = Field(
+        0, ge=0, le=32, description="DataLoader workers per trainer (0 on a GPU: automatic, "
+                                    "the worker's cores - 1, at most 8)")
     threads: int | None = Field(None, ge=1, le=256, description="torch threads per worker")
     seed: int = 0
     max_failures: int = Field(2, ge=0, le=100, description="Ray Train restarts after a failure")
@@ -64,5 +89,3 @@ class TrainConfig(BaseModel):
     def effective_backbone_lr(self) -> float:
         return self.backbone_lr if self.backbone_lr is not None else self.lr / 10
 
-
-assert set(STRATEGIES) == {"feature-extract", "finetune", "partial"}

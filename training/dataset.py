@@ -4,13 +4,31 @@ Layout (under `<home>/dataset/`):
     <label>/<sha256>.<ext>    the original bytes; one label per image
     ledger.jsonl              one JSON line per event: added, relabelled, deleted
     .tmp/                     writes in progress (renamed into place when complete)
+    .snapshots/<job_id>/      a training job's frozen view: hard links `<sha256>.<ext>` of the
+                              originals it trains on + `snapshot.json` (labels, ledger offset)
     .lock                     a file lock: one writer at a time across processes
 
 No client filename ever reaches a path: the name is the hash of the bytes, the extension comes
 from the decoder's verdict, and the label must match `LABEL_PATTERN`.
 
-The train/validation split is a pure function of the image's hash (`split_of`), so adding
-images never moves an old image across the split.
+The split is a pure function of the image's hash (`split_of`): train, validation (picks the
+best epoch) and test (held out: only the promotion gate sees it). Adding images never moves an
+old image across splits.
+
+Changing from the earlier two-way split (validation below `DEFAULT_VAL_FRACTION`, the rest
+train) re-assigned some images once: the validation boundary is unchanged, so every old
+validation image stays there, but the old training images whose hash number is at or above
+`1 - DEFAULT_TEST_FRACTION` (a quarter of them) became test images. Versions published before
+the change list those images under "train" in their data lists (`models/v<N>/data.json`, which
+stay as written): such a version has seen part of today's test split, so its test accuracy is
+optimistic. The gate still compares a candidate with it on the same test split (the error is on
+the safe side: the candidate has to beat an inflated score) and records, per compared version,
+how many test images it trained on (`trained_on_test`); new images do not add to that count.
+
+A job trains on a `Snapshot` (`DatasetStore.snapshot`): hard links made under the store's lock,
+so a delete or a relabel while the job runs changes the store, not the job's files (a link
+keeps the bytes until the job removes its snapshot), and the ledger offset recorded with it
+makes every later event count as new for the next job.
 """
 
 from __future__ import annotations
@@ -24,12 +42,13 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from filelock import FileLock
 
@@ -40,7 +59,15 @@ log = logging.getLogger(__name__)
 
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_VAL_FRACTION = 0.2
-Split = Literal["train", "val"]
+DEFAULT_TEST_FRACTION = 0.2
+Split = Literal["train", "val", "test"]
+SNAPSHOTS_DIR = ".snapshots"
+SNAPSHOT_RECORD = "snapshot.json"
+SNAPSHOT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# os.link fails with these where the filesystem has no hard links (or not across devices):
+# the snapshot then copies the file.
+NO_HARD_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP,
+                          errno.EMLINK, errno.ENOSYS})
 Status = Literal["added", "duplicate", "relabelled"]
 
 
@@ -74,9 +101,27 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def split_of(sha256: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> Split:
-    """Deterministic split by content hash: the first 8 hex digits as a fraction of 2**32."""
-    return "val" if int(sha256[:8], 16) / 2**32 < val_fraction else "train"
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Both in (0, 1) and leaving room for training; ValueError naming the values otherwise."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1
+            and val_fraction + test_fraction < 1):
+        raise ValueError(f"invalid split fractions val={val_fraction!r}, test={test_fraction!r}: "
+                         "each must be in (0, 1) and together below 1")
+
+
+def split_of(sha256: str, val_fraction: float = DEFAULT_VAL_FRACTION,
+             test_fraction: float = DEFAULT_TEST_FRACTION) -> Split:
+    """Deterministic split by content hash. u = the first 8 hex digits as a fraction of 2**32:
+    validation when u < val_fraction, test when u >= 1 - test_fraction, train otherwise. The
+    two held-out ranges sit at the two ends, so the validation range is the one the earlier
+    two-way split used (see the module docstring)."""
+    check_fractions(val_fraction, test_fraction)
+    u = int(sha256[:8], 16) / 2**32
+    if u < val_fraction:
+        return "val"
+    if u >= 1 - test_fraction:
+        return "test"
+    return "train"
 
 
 @dataclass(frozen=True)
@@ -84,6 +129,51 @@ class Item:
     sha256: str
     label: str
     path: Path
+
+
+class Splits(NamedTuple):
+    """Items per split, each in the order given (the store's: by label, then sha256)."""
+
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+
+
+def split_items(items: Iterable[Item], val_fraction: float = DEFAULT_VAL_FRACTION,
+                test_fraction: float = DEFAULT_TEST_FRACTION) -> Splits:
+    out = Splits([], [], [])
+    for item in items:
+        getattr(out, split_of(item.sha256, val_fraction, test_fraction)).append(item)
+    return out
+
+
+def check_snapshot_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not SNAPSHOT_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(f"invalid job id {job_id!r} for a dataset snapshot: use 1-128 "
+                         "characters from A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    return job_id
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A training job's frozen view of the dataset (`DatasetStore.snapshot`).
+
+    `entries` are the images as they were when it was taken: their labels then, and paths into
+    the snapshot folder (`root`), which later deletes and relabels in the store do not touch.
+    `ledger_offset`: the ledger's length then; every event after it is new for the next job.
+    `method`: "hardlink" (no bytes copied) or "copy" (a filesystem without hard links).
+    """
+
+    job_id: str
+    root: Path
+    ledger_offset: int
+    created_at: float
+    method: str
+    entries: tuple[Item, ...]
+
+    def items(self) -> list[Item]:
+        """Every image of the snapshot, sorted by (label, sha256) like `DatasetStore.items`."""
+        return list(self.entries)
 
 
 @dataclass(frozen=True)
@@ -136,6 +226,27 @@ def write_file_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> N
         raise
 
 
+def _link_or_copy(source: Path, target: Path) -> int:
+    """Hard-link `source` at `target`; copy it where the filesystem cannot link. -> 1 when
+    copied, 0 when linked. ENOSPC -> VolumeFull."""
+    try:
+        os.link(source, target)
+        return 0
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINK:
+            raise
+    try:
+        shutil.copyfile(source, target)
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise VolumeFull(exc.errno, f"the data volume is full: {exc.strerror}") from None
+        raise
+    return 1
+
+
 class DatasetStore:
     def __init__(self, home: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.root = Path(home) / "dataset"
@@ -171,12 +282,9 @@ class DatasetStore:
                 return Item(sha256, label, p)
         return None
 
-    def split(self, val_fraction: float = DEFAULT_VAL_FRACTION
-              ) -> tuple[list[Item], list[Item]]:
-        items = self.items()
-        train = [i for i in items if split_of(i.sha256, val_fraction) == "train"]
-        val = [i for i in items if split_of(i.sha256, val_fraction) == "val"]
-        return train, val
+    def split(self, val_fraction: float = DEFAULT_VAL_FRACTION,
+              test_fraction: float = DEFAULT_TEST_FRACTION) -> Splits:
+        return split_items(self.items(), val_fraction, test_fraction)
 
     def ledger_length(self) -> int:
         if not self.ledger_path.exists():
@@ -262,6 +370,87 @@ class DatasetStore:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise VolumeFull(exc.errno, f"the data volume is full: {exc.strerror}") from None
             raise
+
+    # -- snapshots -----------------------------------------------------------------------------
+    @property
+    def snapshots_root(self) -> Path:
+        return self.root / SNAPSHOTS_DIR
+
+    def snapshot(self, job_id: str) -> Snapshot:
+        """Freeze the dataset for job `job_id` -> its Snapshot.
+
+        Under the store's lock (no ingest, relabel or delete meanwhile): one hard link per image
+        in `.snapshots/<job_id>/` (a copy where the filesystem has no hard links), then
+        `snapshot.json`, written last and atomically, so a folder without it is unfinished. The
+        ledger offset is read under the same lock: events after it are exactly the changes the
+        job does not see. Writers wait for the links (metadata only: no bytes are copied); a
+        copy would make them wait for the bytes. Anything left under this job id (an attempt
+        that died) is replaced. Raises VolumeFull (nothing left behind) when the volume fills.
+        """
+        root = self.snapshots_root / check_snapshot_id(job_id)
+        with self._lock:
+            if root.exists():
+                shutil.rmtree(root)
+            root.mkdir(parents=True)
+            try:
+                entries, copied = [], 0
+                for item in self.items():
+                    target = root / item.path.name
+                    copied += _link_or_copy(item.path, target)
+                    entries.append(Item(item.sha256, item.label, target))
+                snap = Snapshot(job_id, root, self.ledger_length(), time.time(),
+                                "copy" if copied else "hardlink", tuple(entries))
+                record = {"job_id": job_id, "ledger_offset": snap.ledger_offset,
+                          "created_at": snap.created_at, "method": snap.method,
+                          "items": [[i.sha256, i.label, i.path.name] for i in entries]}
+                write_file_atomic(root / SNAPSHOT_RECORD, json.dumps(record).encode())
+            except BaseException:
+                shutil.rmtree(root, ignore_errors=True)
+                raise
+        log.info("dataset snapshot for job %s: %d images (%s), ledger offset %d", job_id,
+                 len(entries), snap.method, snap.ledger_offset)
+        return snap
+
+    def open_snapshot(self, job_id: str) -> Snapshot | None:
+        """The finished snapshot of `job_id` (a job resumed under its id trains on the same
+        images), or None when there is none, it is unfinished or a file of it is missing."""
+        root = self.snapshots_root / check_snapshot_id(job_id)
+        try:
+            record = json.loads((root / SNAPSHOT_RECORD).read_text())
+            entries = tuple(Item(sha, label, root / name) for sha, label, name in record["items"])
+            snap = Snapshot(job_id, root, int(record["ledger_offset"]),
+                            float(record["created_at"]), str(record["method"]), entries)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not all(i.path.is_file() for i in entries):
+            return None
+        return snap
+
+    def remove_snapshot(self, job_id: str) -> bool:
+        """Remove `job_id`'s snapshot; the bytes of images deleted from the store meanwhile go
+        with their last link. -> whether there was one."""
+        root = self.snapshots_root / check_snapshot_id(job_id)
+        if not root.exists():
+            return False
+        shutil.rmtree(root)
+        return True
+
+    def snapshot_ids(self) -> list[str]:
+        if not self.snapshots_root.is_dir():
+            return []
+        return sorted(p.name for p in self.snapshots_root.iterdir()
+                      if p.is_dir() and SNAPSHOT_ID_PATTERN.fullmatch(p.name))
+
+    def prune_snapshots(self, keep: Collection[str]) -> list[str]:
+        """Retention: remove every snapshot whose job id is not in `keep` (the caller knows
+        which jobs can still run: those of jobs that died are left behind). -> the removed."""
+        removed = []
+        for job_id in self.snapshot_ids():
+            if job_id not in keep and self.remove_snapshot(job_id):
+                removed.append(job_id)
+                log.info("retention: removed the dataset snapshot of job %s (not running)",
+                         job_id)
+        return removed
 
     # -- bulk import ---------------------------------------------------------------------------
     def ingest_many(self, files: Iterable[tuple[str, str, bytes]], source: str

@@ -1,12 +1,18 @@
-"""Training job records and the job lock, on the volume so they survive restarts and are shared
-by the CLI and the service.
+"""Training jobs on the volume: the records, their live progress, cancel requests, the job lock
+and how a job ends. `JobStore` is the only code that knows the layout of `jobs/`, which the CLI,
+the service and the training workers share and which survives restarts:
 
-    jobs/<job_id>.json         the record (status, progress, metrics, version, promoted, reason)
-    jobs/<job_id>.cancel       present when a cancel was asked for; the workers poll it
-    jobs/.lock                 held by the process running a job: at most one job per volume
+    jobs/<job_id>.json           the record (status, progress, metrics, version, promoted, reason)
+    jobs/<job_id>.progress.json  written by rank 0 while the job runs (`training.loop`); merged
+                                 into the record by `view` and, at the end, by the pipeline
+    jobs/<job_id>.cancel         present when a cancel was asked for; the workers poll it
+    jobs/.lock                   held by the process running a job: at most one job per volume
+    jobs/schedule.state          the controller's last schedule tick (JSON, deliberately not
+                                 *.json so it is never read as a record)
 
-The lock is an OS file lock, so it dies with its holder: a record still `running` whose lock is
-free was interrupted (`mark_interrupted`).
+A record goes queued -> running -> succeeded | failed | cancelled; every end goes through
+`JobStore.finish`. The lock is an OS file lock, so it dies with its holder: a record still
+`running` whose lock is free was interrupted (`mark_interrupted`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import re
 import secrets
 import time
 from pathlib import Path
@@ -27,7 +34,19 @@ from training.errors import DomainError
 log = logging.getLogger(__name__)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FinalStatus = Literal["succeeded", "failed", "cancelled"]
 ACTIVE = ("queued", "running")
+CANCELLED_ON_REQUEST = "cancelled on request"
+ERROR_MAX_CHARS = 2000
+
+RECORD_SUFFIX = ".json"
+PROGRESS_SUFFIX = ".progress.json"
+CANCEL_SUFFIX = ".cancel"
+LOCK_FILE = ".lock"
+SCHEDULE_STATE_FILE = "schedule.state"
+# What a job id can be (`new_job_id` makes `20261128-101500-a1b2c3`): checked before any path is
+# built from one, so an id from a URL (a NUL byte, 10 000 characters, "..") is simply not found.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class JobRunning(DomainError, RuntimeError):
@@ -46,40 +65,74 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def empty_progress(epochs: int) -> dict[str, Any]:
-    return {"epoch": 0, "epochs": epochs, "step": 0, "steps": 0, "fraction": 0.0, "eta_s": None}
+def error_text(exc: BaseException) -> str:
+    """`Type: message`, bounded: what a failed record keeps of an exception."""
+    return f"{type(exc).__name__}: {exc}"[:ERROR_MAX_CHARS]
+
+
+def progress_summary(progress: dict[str, Any] | None, epochs: int) -> dict[str, Any]:
+    """The API's progress shape from a progress file's contents (or from nothing yet)."""
+    p = progress or {}
+    return {"epoch": p.get("epoch", 0), "epochs": p.get("epochs", epochs),
+            "step": p.get("step", 0), "steps": p.get("steps", 0),
+            "fraction": p.get("fraction", 0.0), "eta_s": p.get("eta_s")}
+
+
+def placement_of(progress: dict[str, Any] | None) -> dict[str, Any]:
+    """`workers` and `attempts` of a progress file (where the job's workers ran), if any."""
+    p = progress or {}
+    return {k: p[k] for k in ("workers", "attempts") if p.get(k)}
 
 
 class JobStore:
     def __init__(self, home: Path | str):
         self.root = Path(home) / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.lock = FileLock(str(self.root / ".lock"), timeout=0)
+        self.lock = FileLock(str(self.lock_path), timeout=0)
 
-    def path(self, job_id: str) -> Path:
-        if not job_id or "/" in job_id or job_id.startswith("."):
-            raise JobNotFound(f"no such training job {job_id!r}")
-        return self.root / f"{job_id}.json"
+    # -- the layout ----------------------------------------------------------------------------
+    def _file(self, job_id: str, suffix: str) -> Path:
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            raise JobNotFound(f"no such training job {job_id[:64]!r}")
+        return self.root / f"{job_id}{suffix}"
 
+    def record_path(self, job_id: str) -> Path:
+        return self._file(job_id, RECORD_SUFFIX)
+
+    def progress_path(self, job_id: str) -> Path:
+        return self._file(job_id, PROGRESS_SUFFIX)
+
+    def cancel_path(self, job_id: str) -> Path:
+        return self._file(job_id, CANCEL_SUFFIX)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def schedule_state_path(self) -> Path:
+        return self.root / SCHEDULE_STATE_FILE
+
+    # -- records -------------------------------------------------------------------------------
     def create(self, config: dict[str, Any], source: str, job_id: str | None = None
                ) -> dict[str, Any]:
         job_id = job_id or new_job_id()
         record = {
             "job_id": job_id, "status": "queued", "source": source, "config": config,
             "created_at": time.time(), "started_at": None, "finished_at": None,
-            "progress": empty_progress(int(config.get("epochs", 0) or 0)), "metrics": [],
+            "progress": progress_summary(None, int(config.get("epochs", 0) or 0)), "metrics": [],
             "version": None, "promoted": None, "reason": None, "error": None,
         }
         self.write(record)
         return record
 
     def write(self, record: dict[str, Any]) -> None:
-        write_file_atomic(self.path(record["job_id"]),
+        write_file_atomic(self.record_path(record["job_id"]),
                           json.dumps(record, indent=1, default=str).encode())
 
     def get(self, job_id: str) -> dict[str, Any]:
         try:
-            return json.loads(self.path(job_id).read_text())
+            return json.loads(self.record_path(job_id).read_text())
         except FileNotFoundError:
             raise JobNotFound(f"no such training job {job_id!r}") from None
 
@@ -89,27 +142,62 @@ class JobStore:
         self.write(record)
         return record
 
+    def finish(self, job_id: str, status: FinalStatus, reason: str, error: str | None = None,
+               **fields: Any) -> dict[str, Any]:
+        """End a job: its final status, why, the error if any, `finished_at`, and `fields`
+        (metrics, version, ...). A finished job has nothing left to cancel, so a pending cancel
+        request goes. Where its workers ran (`workers`: the last attempt's; `attempts`: every
+        attempt's placement and resume epoch) is kept from the progress file. -> the final
+        record."""
+        placement = placement_of(self.read_progress(job_id))
+        record = self.update(job_id, status=status, reason=reason, error=error,
+                             finished_at=time.time(), **{**placement, **fields})
+        self.cancel_path(job_id).unlink(missing_ok=True)
+        return record
+
     def list(self) -> list[dict[str, Any]]:
-        """All records, newest first."""
+        """Every job record, newest first (progress files and unreadable files left out)."""
         out = []
-        for p in self.root.glob("*.json"):
-            if p.name.endswith(".progress.json"):
-                continue  # a running job's progress file, not a record
+        for p in self.root.glob(f"*{RECORD_SUFFIX}"):
+            if p.name.endswith(PROGRESS_SUFFIX):
+                continue
             try:
-                out.append(json.loads(p.read_text()))
+                record = json.loads(p.read_text())
             except (OSError, json.JSONDecodeError):
                 log.warning("unreadable job record %s", p)
+                continue
+            if isinstance(record, dict) and "job_id" in record and "status" in record:
+                out.append(record)
         return sorted(out, key=lambda r: r.get("created_at") or 0, reverse=True)
-
-    def view(self, job_id: str) -> dict[str, Any]:
-        """The record with live progress and metrics merged in while the job runs."""
-        from training.job import job_view
-
-        return job_view(self, job_id)
 
     def last(self) -> dict[str, Any] | None:
         jobs = self.list()
         return jobs[0] if jobs else None
+
+    # -- live progress -------------------------------------------------------------------------
+    def read_progress(self, job_id: str) -> dict[str, Any] | None:
+        """The progress file's contents (epoch, step, fraction, eta_s, metrics so far, pid,
+        resumed_from_epoch), or None before rank 0 has written one."""
+        try:
+            return json.loads(self.progress_path(job_id).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def progress_metrics(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """The per-epoch metrics the workers reported so far ([] when none)."""
+        return list((self.read_progress(job_id) or {}).get("metrics", []))
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        """The record with live progress and metrics merged in while the job runs."""
+        record = self.get(job_id)
+        if record["status"] == "running":
+            p = self.read_progress(job_id)
+            if p:
+                record["progress"] = progress_summary(p, record["progress"].get("epochs", 0))
+                record["metrics"] = p.get("metrics", [])
+                record["resumed_from_epoch"] = p.get("resumed_from_epoch")
+                record.update(placement_of(p))
+        return record
 
     # -- lock, cancel, interruption -------------------------------------------------------------
     def acquire(self) -> FileLock:
@@ -124,7 +212,7 @@ class JobStore:
         """True when some process (this one included) holds the job lock."""
         if self.lock.is_locked:
             return True
-        probe = FileLock(str(self.root / ".lock"), timeout=0)
+        probe = FileLock(str(self.lock_path), timeout=0)
         try:
             probe.acquire(timeout=0)
         except Timeout:
@@ -132,14 +220,14 @@ class JobStore:
         probe.release()
         return False
 
-    def cancel_path(self, job_id: str) -> Path:
-        return self.root / f"{job_id}.cancel"
-
     def request_cancel(self, job_id: str) -> dict[str, Any]:
         record = self.get(job_id)
         if record["status"] in ACTIVE:
             self.cancel_path(job_id).touch()
         return record
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.cancel_path(job_id).exists()
 
     def mark_interrupted(self) -> builtins.list[str]:
         """Records left queued/running by a process that died -> failed, reason interrupted.
@@ -148,9 +236,8 @@ class JobStore:
         if not stale or self.is_locked():
             return []
         for r in stale:
-            self.update(r["job_id"], status="failed", reason="interrupted",
+            self.finish(r["job_id"], "failed", "interrupted",
                         error="the process running this job stopped before it finished; its "
-                              "checkpoints stay in runs/",
-                        finished_at=time.time())
+                              "checkpoints stay in runs/")
             log.warning("job %s was interrupted (marked failed)", r["job_id"])
         return [r["job_id"] for r in stale]

@@ -22,13 +22,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("feature-extract", "finetune", "partial")
+Strategy = Literal["feature-extract", "finetune", "partial"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+AUTO = "auto"  # resolved per volume by `resolve_backbone`; every other name is a real backbone
 LITE0 = "efficientnet_lite0"
 AUTO_FIRST_CHOICE = "resnet18"
 MIN_STAGES = 4
@@ -44,17 +47,18 @@ class BackboneChoice:
 
 
 def available_backbones() -> list[str]:
+    """Every backbone name a model can be built from (`auto` aside): the one set of them."""
     import torchvision
 
     return sorted([*torchvision.models.list_models(module=torchvision.models), LITE0])
 
 
 def check_backbone(name: str) -> None:
-    if name == "auto":
+    if name == AUTO:
         return
     allowed = available_backbones()
     if name not in allowed:
-        raise ValueError(f"unknown backbone {name!r}; expected 'auto' or one of {allowed}")
+        raise ValueError(f"unknown backbone {name!r}; expected {AUTO!r} or one of {allowed}")
 
 
 def check_strategy(strategy: str) -> None:
@@ -79,7 +83,7 @@ def resolve_backbone(name: str, cache_dir: Path | None = None) -> BackboneChoice
     """`auto` -> resnet18 when torchvision's ImageNet weights are cached or can be downloaded,
     else efficientnet_lite0 (offline). A name given explicitly is never swapped for another."""
     check_backbone(name)
-    if name != "auto":
+    if name != AUTO:
         return BackboneChoice(name, weights_origin(name), "named explicitly")
     try:
         _fetch_torchvision_weights(AUTO_FIRST_CHOICE, cache_dir)
@@ -110,8 +114,8 @@ def build_model(name: str, num_classes: int | None = None, pretrained: bool = Tr
     num_classes=None keeps the ImageNet head (1000 classes): version 0.
     """
     check_backbone(name)
-    if name == "auto":
-        raise ValueError("resolve 'auto' with resolve_backbone() before building a model")
+    if name == AUTO:
+        raise ValueError(f"resolve {AUTO!r} with resolve_backbone() before building a model")
     if name == LITE0:
         model = _build_lite0(pretrained)
     else:

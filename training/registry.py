@@ -53,16 +53,17 @@ class VersionNotFound(DomainError, LookupError):
 
 
 class InvalidVersion(DomainError, ValueError):
-    """A version that exists but cannot be loaded (missing or corrupt files)."""
+    """A version that exists but cannot be loaded (missing or corrupt files). 409 over HTTP:
+    the version is there, but in a state that cannot serve the request; the message names it."""
 
     code = "invalid_version"
-    status = 500
+    status = 409
 
 
 def version_number(version: str) -> int:
     m = VERSION_PATTERN.fullmatch(version)
     if not m:
-        raise VersionNotFound(f"invalid version name {version!r}; expected v0, v1, ...")
+        raise VersionNotFound(f"invalid version name {version[:64]!r}; expected v0, v1, ...")
     return int(m.group(1))
 
 

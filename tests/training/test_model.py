@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from training.engine import (
     train_one_epoch,
 )
 from training.model import (
+    AUTO,
+    STRATEGIES,
     apply_strategy,
     build_model,
     check_backbone,
@@ -44,6 +48,14 @@ def test_unknown_backbone_and_strategy_name_the_allowed_values() -> None:
         apply_strategy(build_model("efficientnet_lite0", 2, pretrained=False), "yolo")
     with pytest.raises(ValueError):
         TrainConfig(strategy="yolo")  # type: ignore[arg-type]
+
+
+def test_strategies_and_backbone_names_have_one_definition() -> None:
+    """The config validates with the model module's own sets: nothing to keep in step."""
+    assert typing.get_args(TrainConfig.model_fields["strategy"].annotation) == STRATEGIES
+    assert TrainConfig().backbone == AUTO
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet9000'.*resnet18"):
+        TrainConfig(backbone="resnet9000")
 
 
 def test_auto_falls_back_to_efficientnet_lite0_offline(tmp_path) -> None:  # type: ignore[no-untyped-def]
