@@ -2,29 +2,34 @@
 
 Request flow:
 
-    client ─HTTP─▶ Serve proxy ─▶ Ingress replicas (FastAPI, service.api; N of them)
-                                  │ RequestGuard: in-flight bound (503), body bytes (413), metrics
-                                  │ auth (service.security): API token; predict open or its token
-                                  ├─ POST /v1/predict ─▶ the Classifier in the same replica
+    client ─HTTP─▶ Serve proxy ─▶ API replicas (IngressDeployment: FastAPI app + Classifier; N)
+                                  │ RequestGuard (service.api.guard): in-flight bound (503),
+                                  │   body bytes (413), request metrics
+                                  │ token checks (service.api.deps): API token; predict open or
+                                  │   its token
+                                  ├─ routes/predict ─▶ the Classifier in the same replica
                                   │     header probe (415/413), then one call per image;
                                   │     @serve.batch groups them; decode + inference in a
                                   │     worker thread; each answer names its model version;
                                   │     images kept in predictions/ for feedback and review
-                                  ├─ /v1/labels, /v1/feedback ─▶ DatasetStore.ingest (volume)
-                                  ├─ /v1/dataset, /v1/review, GET /v1/train, /v1/models ─▶ volume
-                                  ├─ POST, DELETE /v1/train ─▶ TrainingController (one replica)
+                                  ├─ routes/labels, routes/review ─▶ DatasetStore, PredictionStore
+                                  ├─ routes/training: GET ─▶ JobStore (volume);
+                                  │     POST, DELETE ─▶ TrainingController (one replica)
                                   │     run_job in a thread ─▶ Ray Train TorchTrainer workers
                                   │     schedule tick every second; retention every minute
-                                  ├─ /readyz, /metrics ─▶ broadcast to every replica (status,
-                                  │     request metrics summed)
-                                  └─ POST /v1/models/{v}/activate ─▶ CURRENT, then broadcast
-                                        `reload` to every replica
+                                  ├─ routes/ops: /readyz, /metrics ─▶ broadcast to every replica
+                                  │     (status, request metrics summed)
+                                  └─ routes/models: list, manifest, plots, weights ─▶ Registry;
+                                        activate ─▶ CURRENT, then broadcast `reload`
 
-    The classifier lives in the ingress replicas (no second Serve hop per image): see
-    `service.deployments` for why and what it cost before.
-    A published model reaches the classifiers through models/CURRENT: each replica polls it about
-    every second (and reloads at once on the activate broadcast), loads and checks the new
-    version, then swaps one reference.
+    Every refusal is a `training.errors.DomainError` (code + status), raised where it is found
+    (in a replica, in the controller behind its handle, in the stores) and answered by the one
+    handler of `service.api.errors` as {"error": {"code", "message"}}.
+
+    The classifier lives in the API replicas (no second Serve hop per image): see
+    `service.deployments`. A published model reaches the classifiers through models/CURRENT:
+    each replica polls it about every second (and reloads at once on the activate broadcast),
+    loads and checks the new version, then swaps one reference.
 
 Resource plan: see `service.deployments` (Serve actors take 0 CPUs; training takes the rest).
 """
@@ -53,11 +58,11 @@ APP_NAME = "visionloop"
 # `ray start` of an existing cluster (docker-compose.yml passes them). A value already set wins.
 SERVE_ENVIRONMENT = {
     # Serve's HAProxy front end is opt-in for `visionloop up` (RAY_SERVE_ENABLE_HA_PROXY=1) and on
-    # in compose. Measured here (2 cores, benchmarks/serving.py, a no-op handler, 1 client) it
-    # answers in 1.7 ms against 10.3 ms for the Python proxy, but Ray 2.60's HAProxy also binds
-    # its stats page (8404) and metrics (9101) on every interface: against our rule that nothing
-    # but the API is exposed on a host, and two services on one machine collide. Inside a
-    # compose network those ports are not published, hence on there.
+    # in compose. It answers faster than the Python proxy (benchmarks/serving.py; figures in the
+    # README, Performance), but Ray 2.60's HAProxy also binds its stats page (8404) and metrics
+    # (9101) on every interface: against our rule that nothing but the API is exposed on a
+    # host, and two services on one machine collide. Inside a compose network those ports are
+    # not published, hence on there.
     "RAY_SERVE_ENABLE_HA_PROXY": "0",
 }
 
@@ -69,16 +74,18 @@ def serve_environment() -> None:
 
 def prepare_home(settings: Settings) -> tuple[Settings, Path | None]:
     """Before the replicas start: an absolute home (actors may run in another directory),
-    leftovers of killed publishers removed, version 0 published on a fresh volume, the API
-    token generated when none is configured. -> (settings, token file or None)."""
+    the API token generated when none is configured, leftovers of killed publishers removed,
+    version 0 published on a fresh volume. -> (settings, token file or None). Raises
+    `service.security.TokenFileError` first thing when the volume's token file exists but
+    cannot be used (empty, unreadable, ...): the start stops, naming it."""
     settings = settings.model_copy(update={"home": Path(settings.home).resolve()})
     settings.home.mkdir(parents=True, exist_ok=True)
+    _, token_file = ensure_api_token(settings.home, settings.api_token)
     registry = Registry(settings.home)
     registry.remove_stale_partials()
     if registry.ensure_v0(settings.backbone):
         log.info("published version 0 (pretrained %s ImageNet classifier)",
                  registry.manifest("v0")["backbone"])
-    _, token_file = ensure_api_token(settings.home, settings.api_token)
     return settings, token_file
 
 

@@ -14,8 +14,10 @@ CURRENT changes again or `sync(force=True)` is called.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,12 @@ class ModelCheckFailed(InvalidVersion):
 @dataclass(frozen=True)
 class Prediction:
     """One image's answer: the version that computed it and its top-k (label, score), best
-    first; scores are softmax probabilities in [0, 1]."""
+    first; scores are softmax probabilities in [0, 1]; `batch_size`: how many images were
+    classified in the same forward pass."""
 
     version: str
     top_k: list[tuple[str, float]]
+    batch_size: int = 1
 
     @property
     def label(self) -> str:
@@ -165,23 +169,22 @@ class Classifier:
             out.append(Prediction(loaded.version, pairs[:max(1, min(k, k_max))]))
         return out
 
-    def predict_bytes(self, items: Sequence[tuple[bytes, int]]) -> list[dict[str, Any]]:
-        """(bytes, top_k) pairs -> per item either {"version", "top_k": [[label, score]...],
-        "batch_size"} or {"error": {"code", "status", "message"}}. One bad image fails only
-        itself; the good ones are classified together in one batch."""
+    def predict_bytes(self, items: Sequence[tuple[bytes, int]]) -> list[Prediction | ImageError]:
+        """(bytes, top_k) pairs -> per item its Prediction, or the ImageError that refused it
+        (returned, not raised: one bad image fails only itself; the good ones are classified
+        together in one batch). Raises ModelNotLoaded before any model is loaded."""
         decoded: list[Image.Image] = []
         slots: list[int] = []
-        results: list[dict[str, Any]] = [{} for _ in items]
+        results: list[Prediction | ImageError | None] = [None] * len(items)
         for i, (data, _) in enumerate(items):
             try:
                 decoded.append(self.decode(data))
                 slots.append(i)
             except ImageError as exc:
-                results[i] = {"error": {"code": exc.code, "status": exc.status,
-                                        "message": str(exc)}}
+                results[i] = exc
         if decoded:
             preds = self.predict(decoded, [items[i][1] for i in slots])
             for i, p in zip(slots, preds, strict=True):
-                results[i] = {"version": p.version, "top_k": [list(t) for t in p.top_k],
-                              "batch_size": len(decoded)}
-        return results
+                results[i] = dataclasses.replace(p, batch_size=len(decoded))
+        assert all(r is not None for r in results)  # every slot is a prediction or an error
+        return typing.cast(list[Prediction | ImageError], results)

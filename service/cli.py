@@ -9,6 +9,25 @@ Against a running service (`--url`, `--token`):
     predict IMAGE...   label DIR   activate VERSION
 
 `import` and `label` end in the same function, `DatasetStore.ingest` (here and in the server).
+
+Settings and flags come from the models, in one direction. Every `VISIONLOOP_*` value is read by
+a model of `service.settings` (`CommonSettings` for every command, `Settings` for the service,
+`ClientSettings` for the HTTP commands); a flag that names a setting (`--home`, `--host`,
+`--port`, `--url`, `--token`) defaults to None and, when given, is passed to that model as an
+explicit value, so the default, the environment variable and the validation live in the model
+alone. The `train` flags are one per `TrainConfig` field (`--gate-...` for `GateConfig`), named,
+described and typed by the field: pydantic reads each string as the field's type (a value that
+is not one is argparse's one-line error naming the flag, exit 2), and `TrainConfig` validates
+the given values together, with the error that the HTTP API gives (`visionloop: ...`, exit 1).
+
+Why argparse and not pydantic-settings' own CLI (`CliApp`, `CliSubCommand`; 2.16 here): it
+would keep the subcommands, `--help` and `--gpu/--no-gpu`, but a nested model becomes
+`--gate.min-val-accuracy` plus a JSON `--gate` (the old `--gate-min-val-accuracy` only as an
+extra alias), help texts change (`--epochs int`, `{float,null}`), values that do not parse
+become multi-line validation errors instead of argparse's exit 2, the `train` overrides would
+come back with every default filled in (the backbone default is `VISIONLOOP_BACKBONE`, not
+TrainConfig's), and `--home`'s default from the environment would need the settings read while
+the parser is built. Driving argparse from the models keeps every flag and message as it was.
 """
 
 from __future__ import annotations
@@ -21,20 +40,111 @@ import signal
 import sys
 import threading
 import time
+import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from service.security import TokenFileError
+from service.settings import (
+    ENV_PREFIX,
+    ClientSettings,
+    CommonSettings,
+    Settings,
+    SettingsError,
+    SettingsT,
+    read_settings,
+)
+from training.config import TrainConfig
 
 
 class CliError(Exception):
     """A failure to report in one line and exit 1."""
 
 
-def default_home() -> Path:
-    return Path(os.environ.get("VISIONLOOP_HOME") or "./visionloop-data")
+# -- flags from the models -----------------------------------------------------------------------
+
+def _read(model: type[SettingsT], **flags: object) -> SettingsT:
+    """`model` from the environment, with the flags that were given (not None) winning."""
+    return read_settings(model, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _setting_option(parser: argparse.ArgumentParser, model: type[CommonSettings], name: str,
+                    flag: str | None = None, otherwise: str | None = None) -> None:
+    """`--name` (or `flag`) for the setting `name` of `model`, typed and described by the
+    field; None unless given, so `_read` falls back to the environment, then the field's
+    default (or what `otherwise` says)."""
+    field = model.model_fields[name]
+    flag = flag or "--" + name.replace("_", "-")
+    fallback = otherwise or str(field.get_default())
+    parser.add_argument(flag, dest=name, metavar=flag[2:].replace("-", "_").upper(),
+                        type=_parse_as(field.annotation), default=None,
+                        help=f"{field.description} (default: ${ENV_PREFIX}{name.upper()} or "
+                             f"{fallback})")
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
+        else None
+
+
+def _parse_as(annotation: Any) -> Callable[[str], Any]:
+    """An argparse `type`: the string read by pydantic as `annotation`, without the field's
+    constraints, which the model checks. Its ValueError becomes argparse's
+    `argument --flag: invalid <type> value: 'text'`."""
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_strings(text)
+        except ValidationError:
+            raise ValueError(text) from None
+
+    kinds = [a for a in typing.get_args(annotation) if a is not types.NoneType] or [annotation]
+    parse.__name__ = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+    return parse
+
+
+def _model_options(parser: argparse.ArgumentParser, model: type[BaseModel],
+                   prefix: str = "") -> None:
+    """One flag per field of `model`, `--<prefix><field>` in kebab case (a nested model's
+    fields: `--<field>-<subfield>`), described and typed by the field. Every flag defaults to
+    None, so that only the flags given become values (`_model_values`) and the model applies
+    its own defaults."""
+    for name, field in model.model_fields.items():
+        dest = prefix + name
+        nested = _submodel(field.annotation)
+        if nested is not None:
+            _model_options(parser, nested, dest + "_")
+            continue
+        flag = "--" + dest.replace("_", "-")
+        helptext = (field.description or "") + \
+            f" (default: {field.get_default(call_default_factory=True)})"
+        if typing.get_origin(field.annotation) is typing.Literal:
+            parser.add_argument(flag, dest=dest, choices=typing.get_args(field.annotation),
+                                default=None, help=helptext)
+        elif field.annotation is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=helptext)
+        else:
+            parser.add_argument(flag, dest=dest, type=_parse_as(field.annotation), default=None,
+                                help=helptext)
+
+
+def _model_values(args: argparse.Namespace, model: type[BaseModel],
+                  prefix: str = "") -> dict[str, Any]:
+    """The values of `_model_options`' flags that were given, nested as `model` nests."""
+    values: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        nested = _submodel(field.annotation)
+        value = _model_values(args, nested, prefix + name + "_") if nested is not None \
+            else getattr(args, prefix + name, None)
+        if value is not None and value != {}:
+            values[name] = value
+    return values
 
 
 # -- up ------------------------------------------------------------------------------------------
@@ -59,14 +169,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ray import serve
 
     from service.app import APP_NAME, build_app, prepare_home
-    from service.settings import load_settings
 
-    overrides: dict[str, Any] = {"home": args.home}
-    if args.host:
-        overrides["host"] = args.host
-    if args.port:
-        overrides["port"] = args.port
-    settings, token_file = prepare_home(load_settings(**overrides))
+    settings, token_file = prepare_home(
+        _read(Settings, home=args.home, host=args.host, port=args.port))
     stop = threading.Event()
 
     def on_signal(*_: Any) -> None:
@@ -99,62 +204,19 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # -- train ---------------------------------------------------------------------------------------
 
-def _train_options(parser: argparse.ArgumentParser) -> None:
-    from training.config import GateConfig, TrainConfig
-
-    def add(prefix: str, fields: dict[str, Any]) -> None:
-        for name, field in fields.items():
-            if name == "gate":
-                continue
-            flag = "--" + (prefix + name).replace("_", "-")
-            dest = (prefix + name).replace("-", "_")
-            helptext = (field.description or "") + f" (default: {field.default})"
-            choices = typing.get_args(field.annotation)
-            if typing.get_origin(field.annotation) is typing.Literal:
-                parser.add_argument(flag, dest=dest, choices=choices, default=None,
-                                    help=helptext)
-            elif field.annotation is bool:
-                parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                                    default=None, help=helptext)
-            else:
-                kind: Any = str
-                text = str(field.annotation)
-                if "int" in text and "float" not in text:
-                    kind = int
-                elif "float" in text:
-                    kind = float
-                parser.add_argument(flag, dest=dest, type=kind, default=None, help=helptext)
-
-    add("", dict(TrainConfig.model_fields))
-    add("gate_", dict(GateConfig.model_fields))
-
-
-def _train_config(args: argparse.Namespace, default_backbone: str) -> Any:
-    from service.controller import train_config
-    from training.config import GateConfig, TrainConfig
-
-    overrides = {n: getattr(args, n) for n in TrainConfig.model_fields
-                 if n != "gate" and getattr(args, n, None) is not None}
-    gate = {n: getattr(args, "gate_" + n) for n in GateConfig.model_fields
-            if getattr(args, "gate_" + n, None) is not None}
-    if gate:
-        overrides["gate"] = gate
-    return train_config(overrides, default_backbone)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from service.controller import InvalidTrainRequest
-    from service.settings import load_settings
+    from service.controller import InvalidTrainRequest, train_config
     from training.dataset import DatasetStore, DatasetTooSmall
-    from training.job import job_view, prepare_data, run_job
     from training.jobs import JobRunning, JobStore
+    from training.pipeline import prepare_data, run_job
+    from training.resources import InsufficientResources, check_cluster
 
-    settings = load_settings(home=args.home)
+    settings = _read(Settings, home=args.home)
     home = Path(settings.home).resolve()
     try:
-        cfg = _train_config(args, settings.backbone)
+        cfg = train_config(_model_values(args, TrainConfig), settings.train_defaults())
         prepare_data(DatasetStore(home, settings.max_pixels))
         jobs = JobStore(home)
         if jobs.is_locked():
@@ -162,6 +224,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (InvalidTrainRequest, DatasetTooSmall, JobRunning) as exc:
         raise CliError(str(exc)) from None
     init_ray(settings.ray_num_cpus)
+    try:
+        check_cluster(cfg)  # what this Ray cluster can hold, before a record is written
+    except InsufficientResources as exc:
+        raise CliError(str(exc)) from None
     started = threading.Event()
     job: dict[str, Any] = {}
 
@@ -172,7 +238,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def target() -> None:
         try:
             job["record"] = run_job(home, cfg, source="cli",
-                                    keep_versions=settings.keep_versions, on_started=on_started)
+                                    keep_versions=settings.keep_versions, on_started=on_started,
+                                    pending_timeout_s=settings.train_pending_timeout_s)
         except BaseException as exc:
             job["error"] = exc
         finally:
@@ -188,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {postfix}") as bar:
         while thread.is_alive():
             thread.join(0.5)
-            _show_progress(bar, job_view(jobs, job["id"]))
+            _show_progress(bar, jobs.view(job["id"]))
         record = job.get("record") or jobs.get(job["id"])
         _show_progress(bar, record)
     if "error" in job:
@@ -219,10 +286,9 @@ def _show_progress(bar: Any, record: dict[str, Any]) -> None:
 # -- import, models ------------------------------------------------------------------------------
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from service.settings import load_settings
     from training.dataset import DatasetStore, download_cifar10, iter_cifar10, iter_imagefolder
 
-    settings = load_settings(home=args.home)
+    settings = _read(Settings, home=args.home)
     home = Path(settings.home).resolve()
     store = DatasetStore(home, settings.max_pixels)
     if args.source == "cifar10":
@@ -254,7 +320,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from training.registry import InvalidVersion, Registry
 
-    registry = Registry(Path(args.home).resolve())
+    registry = Registry(Path(_read(CommonSettings, home=args.home).home).resolve())
     current = registry.current()
     rows = [("", "VERSION", "BACKBONE", "CLASSES", "VAL ACC", "PROMOTED", "CREATED")]
     for v in registry.versions():
@@ -286,9 +352,11 @@ def _client(args: argparse.Namespace) -> Any:
 
     from service.security import read_token_file
 
-    token = args.token or os.environ.get("VISIONLOOP_API_TOKEN") or read_token_file(args.home)
+    settings = _read(ClientSettings, home=args.home, url=args.url, api_token=args.api_token)
+    token = (settings.api_token.get_secret_value() if settings.api_token
+             else read_token_file(settings.home))
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout)
+    return httpx.Client(base_url=settings.url, headers=headers, timeout=args.timeout)
 
 
 def _check(response: Any) -> dict[str, Any]:
@@ -377,32 +445,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def volume(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--home", type=Path, default=default_home(),
-                       help="the data volume (default: $VISIONLOOP_HOME or ./visionloop-data)")
+        _setting_option(p, CommonSettings, "home")
 
     def http(p: argparse.ArgumentParser) -> None:
         volume(p)
-        p.add_argument("--url", default=os.environ.get("VISIONLOOP_URL", DEFAULT_URL),
-                       help=f"the running service (default: {DEFAULT_URL})")
-        p.add_argument("--token", default=None, help="API token (default: "
-                       "$VISIONLOOP_API_TOKEN, else the volume's secrets/api-token)")
+        _setting_option(p, ClientSettings, "url")
+        _setting_option(p, ClientSettings, "api_token", flag="--token",
+                        otherwise="the volume's secrets/api-token")
         p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
 
     p = sub.add_parser("up", help="start the whole service",
                        description="Start Ray (local, or join RAY_ADDRESS), Serve and the API. "
                        "Stops cleanly on SIGTERM/SIGINT.")
     volume(p)
-    p.add_argument("--host", default=None, help="interface (default: $VISIONLOOP_HOST or "
-                   "127.0.0.1; 0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default: "
-                   "$VISIONLOOP_PORT or 8000)")
+    _setting_option(p, Settings, "host")
+    _setting_option(p, Settings, "port")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("train", help="run one training job on the volume",
                        description="Run one Ray Train job here with a progress bar. Fails if a "
                        "job is already running on this volume.")
     volume(p)
-    _train_options(p)
+    _model_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("import", help="import an ImageFolder tree or CIFAR-10",
@@ -443,14 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from service.settings import SettingsError
-
-    logging.basicConfig(level=os.environ.get("VISIONLOOP_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        logging.basicConfig(level=_read(CommonSettings, home=args.home).log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return int(args.func(args))
-    except (CliError, SettingsError) as exc:
+    except (CliError, SettingsError, TokenFileError) as exc:
         print(f"visionloop: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,18 +1,25 @@
 """The training controller: one job at a time per volume, job records, cancel, the schedule,
 and retention. Plain Python; `service.deployments.ControllerDeployment` wraps it for Serve.
 
-- `start` validates the overrides (`TrainConfig`, 400) and the dataset (`prepare_data`, 400)
-  before anything is written, refuses with `JobRunning` (409) while this process or any other
-  (the CLI's `train`) holds the volume's job lock, writes a `queued` record and runs
-  `training.job.run_job` in a thread (the caller is inside the Ray cluster).
+- `start` validates the overrides (`TrainConfig`, 400; what the request leaves out comes from
+  the deployment's training defaults, `Settings.train_defaults()`), the dataset (`prepare_data`,
+  400) and what the Ray cluster can hold (`training.resources.check_cluster`, 400
+  `insufficient_resources`) before anything is written, refuses with `JobRunning` (409) while
+  this process or any other (the CLI's `train`) holds the volume's job lock, writes a `queued`
+  record and runs `training.pipeline.run_job` in a thread (the caller is inside the Ray
+  cluster). `run_job` waits for the workers' resources at most
+  `VISIONLOOP_TRAIN_PENDING_TIMEOUT_S` (then the job fails, reason `pending`), and a cancel ends
+  a job at any stage, pending included; the job lock goes with the job's end.
 - The schedule (`VISIONLOOP_RETRAIN_SCHEDULE`, cron; a sixth field is seconds) is evaluated by
   `tick(now)`, a plain function of the time: when a cron time has passed since the last tick
   seen, that tick is persisted first (`jobs/schedule.state`, so a restart never fires the same
   tick twice; a tick missed while the service was down fires once), then a job starts if at
-  least `VISIONLOOP_RETRAIN_MIN_NEW` images are new since the last job and none is running.
+  least `VISIONLOOP_RETRAIN_MIN_NEW` images are new since the last job and none is running;
+  that job is `start({})`: the deployment's training defaults (`VISIONLOOP_TRAIN_*`). A job
+  the cluster cannot hold is not started (logged); the next tick looks again.
 - Retention after every job and every minute: model versions beyond `keep_versions` (by
-  `run_job`), Ray Train run folders of finished jobs beyond the newest `keep_versions`, and old
-  prediction images.
+  `run_job`), Ray Train run folders of finished jobs beyond the newest `keep_versions`, and
+  predictions beyond their bounds (`PredictionStore.prune`: age, count, bytes).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +41,10 @@ from service.settings import Settings
 from training.config import TrainConfig
 from training.dataset import DatasetStore, DatasetTooSmall, write_file_atomic
 from training.errors import DomainError
-from training.jobs import ACTIVE, JobRunning, JobStore
+from training.jobs import ACTIVE, CANCELLED_ON_REQUEST, JobRunning, JobStore, error_text
+from training.resources import InsufficientResources, check_cluster
 
 log = logging.getLogger(__name__)
-
-SCHEDULE_STATE = "schedule.state"  # JSON; not *.json, which JobStore reads as job records
 
 
 class InvalidTrainRequest(DomainError, ValueError):
@@ -47,18 +54,20 @@ class InvalidTrainRequest(DomainError, ValueError):
 
 def new_since_last_job(store: DatasetStore, jobs: JobStore) -> int:
     """Images added or relabelled since the newest job that started training (promoted or not,
-    so a rejected candidate does not retrigger the schedule)."""
-    for record in jobs.list():  # progress files listed among them carry no ledger_offset
+    so a rejected candidate does not retrigger the schedule; a job that failed waiting for
+    resources has its offset cleared, so its labels still count)."""
+    for record in jobs.list():  # newest first; a job that failed before training has none
         offset = record.get("ledger_offset")
         if offset is not None:
             return store.new_since(int(offset))
     return store.new_since(0)
 
 
-def train_config(overrides: dict[str, Any], default_backbone: str) -> TrainConfig:
-    """Overrides with the CLI's names -> TrainConfig; raises InvalidTrainRequest (400)."""
+def train_config(overrides: dict[str, Any], defaults: Mapping[str, Any]) -> TrainConfig:
+    """Overrides with the CLI's names over the deployment's `defaults`
+    (`Settings.train_defaults()`) -> TrainConfig; raises InvalidTrainRequest (400)."""
     try:
-        return TrainConfig(**{"backbone": default_backbone, **overrides})
+        return TrainConfig(**{**defaults, **overrides})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
@@ -73,8 +82,7 @@ class TrainingController:
         self.home = Path(settings.home).resolve()
         self.store = DatasetStore(self.home, settings.max_pixels)
         self.jobs = JobStore(self.home)
-        self.predictions = PredictionStore(self.home, settings.predictions_keep,
-                                           settings.predictions_max_age_s)
+        self.predictions = PredictionStore.from_settings(settings, self.home)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -87,12 +95,14 @@ class TrainingController:
         return (self._thread is not None and self._thread.is_alive()) or self.jobs.is_locked()
 
     def start(self, overrides: dict[str, Any], source: str = "api") -> dict[str, Any]:
-        """Validate, then start a job in a thread -> its `queued` record.
-        Raises InvalidTrainRequest / DatasetTooSmall (400) and JobRunning (409)."""
-        from training.job import prepare_data
+        """Validate, then start a job in a thread -> its `queued` record. Raises
+        InvalidTrainRequest / DatasetTooSmall / InsufficientResources (400) and JobRunning
+        (409), each before anything is written."""
+        from training.pipeline import prepare_data
 
-        cfg = train_config(overrides, self.settings.backbone)
+        cfg = train_config(overrides, self.settings.train_defaults())
         prepare_data(self.store)
+        check_cluster(cfg)
         with self._lock:
             if self.running():
                 raise JobRunning("a training job is already running on this volume")
@@ -104,30 +114,30 @@ class TrainingController:
         return record
 
     def _run(self, cfg: TrainConfig, job_id: str, source: str) -> None:
-        from training.job import run_job
+        from training.pipeline import run_job
 
         try:
             record = run_job(self.home, cfg, job_id=job_id, source=source,
-                             keep_versions=self.settings.keep_versions)
+                             keep_versions=self.settings.keep_versions,
+                             pending_timeout_s=self.settings.train_pending_timeout_s)
             log.info("training job %s ended: %s (%s)", job_id, record["status"],
                      record.get("reason"))
         except (JobRunning, DatasetTooSmall) as exc:  # lost a race with the CLI, or data deleted
-            self.jobs.update(job_id, status="failed", reason=type(exc).__name__, error=str(exc),
-                             finished_at=time.time())
+            self.jobs.finish(job_id, "failed", type(exc).__name__, error=str(exc))
         except Exception as exc:
             log.exception("training job %s crashed", job_id)
-            self.jobs.update(job_id, status="failed", reason="error",
-                             error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+            self.jobs.finish(job_id, "failed", "error", error=error_text(exc))
         finally:
             self.prune_runs()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        """Ask a job to stop (workers poll for it; the record turns `cancelled`). A queued job
+        """Ask a job to stop, at any stage: before its workers start (`run_job` looks before
+        and while it waits for resources) and while they train (they poll for it); the record
+        turns `cancelled` and the job lock is released when `run_job` returns. A queued job
         whose thread is gone is cancelled at once. Raises JobNotFound."""
         record = self.jobs.request_cancel(job_id)
         if record["status"] == "queued" and not self.running():
-            record = self.jobs.update(job_id, status="cancelled", reason="cancelled on request",
-                                      finished_at=time.time())
+            record = self.jobs.finish(job_id, "cancelled", CANCELLED_ON_REQUEST)
         return record
 
     def wait(self, timeout: float | None = None) -> None:
@@ -136,17 +146,14 @@ class TrainingController:
             thread.join(timeout)
 
     # -- schedule ------------------------------------------------------------------------------
-    def _state_path(self) -> Path:
-        return self.jobs.root / SCHEDULE_STATE
-
     def _last_tick(self) -> float | None:
         try:
-            return float(json.loads(self._state_path().read_text())["last_tick"])
+            return float(json.loads(self.jobs.schedule_state_path.read_text())["last_tick"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def _save_tick(self, tick: float) -> None:
-        write_file_atomic(self._state_path(),
+        write_file_atomic(self.jobs.schedule_state_path,
                           json.dumps({"last_tick": tick, "schedule":
                                       self.settings.retrain_schedule}).encode())
 
@@ -173,7 +180,7 @@ class TrainingController:
             return None
         try:
             return str(self.start({}, source="schedule")["job_id"])
-        except (JobRunning, DatasetTooSmall, InvalidTrainRequest) as exc:
+        except (JobRunning, DatasetTooSmall, InvalidTrainRequest, InsufficientResources) as exc:
             log.warning("schedule: not training: %s", exc)
             return None
 

@@ -3,17 +3,17 @@
 Two deployments:
 - `Ingress` ("the API replicas"): the FastAPI app of `service.api` *and* a `Classifier`, in the
   same process. A prediction is decoded and classified in the replica that parsed the request:
-  no second Serve call, no image bytes crossing the object store. Measured on a 2-core machine
-  (benchmarks/serving.py, 16 clients): a separate classifier deployment behind the ingress cost
-  about 7 ms of CPU per request in the ingress, most of it Serve's router and the handle call;
-  merged, that work is gone (see README, Performance). Scale with
+  no second Serve call, no image bytes crossing the object store. A separate classifier
+  deployment behind the ingress cost the ingress real CPU per request, most of it Serve's router
+  and the handle call (measured: README, Performance); merged, that work is gone. Scale with
   `VISIONLOOP_CLASSIFIER_REPLICAS`; every replica serves the whole API.
 - `TrainingController`: one replica, the single `TrainingController` of the application.
 
 Work that concerns every replica (readiness, activate, /metrics) fans out over the replica's
-own deployment handle with `broadcast`.
+own deployment handle with `broadcast`. Domain errors cross the handles as exceptions
+(`DomainError`); Ray wraps them, `unwrap_domain_error` gives the original back.
 
-Resource plan (DESIGN "Facts checked"): every Serve actor here asks for `num_cpus=0` by default
+Resource plan (README, Configuration): every Serve actor here asks for `num_cpus=0` by default
 (the API replica's share is `VISIONLOOP_CLASSIFIER_CPUS`), so the cluster's logical CPUs stay
 free for Ray Train workers (1 CPU each): on a 2-CPU machine a 2-worker job starts while the
 service answers. The actors still use real cores; the classifier bounds its own use with
@@ -26,26 +26,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
-from prometheus_client import generate_latest
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from service.api import create_api
-from service.classifier import Classifier, ModelNotLoaded
-from service.controller import InvalidTrainRequest, TrainingController
+from service.api.clients import first_result
+from service.api.metrics import Metrics
+from service.classifier import Classifier, ModelNotLoaded, Prediction
+from service.controller import TrainingController
 from service.security import ensure_api_token
 from service.settings import Settings
-from training.dataset import DatasetTooSmall
-from training.jobs import JobNotFound, JobRunning
+from training.errors import DomainError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-def error_answer(status: int, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"status": status, "code": code, "message": message}}
+
+async def unwrap_domain_error(call: Awaitable[T]) -> T:
+    """Await a handle call; a DomainError raised in the replica is raised here as itself
+    (Ray delivers it wrapped in a RayTaskError whose message is the remote traceback)."""
+    try:
+        return await call
+    except RayTaskError as exc:
+        if isinstance(exc.cause, DomainError):
+            raise exc.cause from None
+        raise
 
 
 @serve.deployment(name="Ingress", health_check_period_s=5)
@@ -67,6 +78,7 @@ class IngressDeployment:
                                      max_pixels=settings.max_pixels,
                                      threads=settings.classifier_threads)
         self.classifier.sync()
+        self.metrics = Metrics()
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         batched: Any = self._predict_batch
         batched.set_max_batch_size(settings.max_batch_size)
@@ -74,14 +86,11 @@ class IngressDeployment:
         self._stop = threading.Event()
         self._poll_s = settings.reload_poll_s
         self._peers: DeploymentHandle | None = None
-        self._metrics_registry: Any = None
         threading.Thread(target=self._poll, name="reload-poll", daemon=True).start()
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_api(self.settings, self.api_token, ReplicaClassifierClient(self),
-                         self.controller)
-        self._metrics_registry = app.state.metrics.registry
-        return app
+        return create_api(self.settings, self.api_token, ReplicaClassifierClient(self),
+                          self.controller, self.metrics)
 
     def _poll(self) -> None:
         while not self._stop.wait(self._poll_s):
@@ -91,17 +100,19 @@ class IngressDeployment:
                 log.exception("reload poll")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, items: list[tuple[bytes, int]]) -> list[dict[str, Any]]:
+    async def _predict_batch(self, items: list[tuple[bytes, int]]
+                             ) -> list[Prediction | DomainError]:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._inference, self.classifier.predict_bytes,
-                                              items)
+            return list(await loop.run_in_executor(self._inference,
+                                                   self.classifier.predict_bytes, items))
         except ModelNotLoaded as exc:
-            return [error_answer(503, exc.code, str(exc))] * len(items)
+            return [ModelNotLoaded(str(exc)) for _ in items]
 
-    async def predict(self, data: bytes, top_k: int) -> dict[str, Any]:
-        """One image's bytes -> see `Classifier.predict_bytes` (batched with other calls)."""
-        return await self._predict_batch((data, top_k))
+    async def predict(self, data: bytes, top_k: int) -> Prediction:
+        """One image's bytes -> its Prediction (batched with other calls); raises its
+        ImageError or ModelNotLoaded."""
+        return first_result([await self._predict_batch((data, top_k))])
 
     def peers(self) -> DeploymentHandle:
         """A handle on this deployment (every replica, this one included), for broadcasts."""
@@ -120,20 +131,20 @@ class IngressDeployment:
 
     def metrics_text(self) -> str:
         """This replica's request metrics, Prometheus text (summed over replicas by /metrics)."""
-        return generate_latest(self._metrics_registry).decode() if self._metrics_registry else ""
+        return self.metrics.replica_text()
 
     def __del__(self) -> None:
         self._stop.set()
 
 
 class ReplicaClassifierClient:
-    """`service.api.ClassifierClient` for the classifier in this replica; the calls about every
-    replica go through `broadcast` on the deployment's own handle."""
+    """`service.api.clients.ClassifierClient` for the classifier in this replica; the calls
+    about every replica go through `broadcast` on the deployment's own handle."""
 
     def __init__(self, replica: IngressDeployment):
         self.replica = replica
 
-    async def predict(self, data: bytes, top_k: int) -> dict[str, Any]:
+    async def predict(self, data: bytes, top_k: int) -> Prediction:
         return await self.replica.predict(data, top_k)
 
     async def statuses(self) -> list[dict[str, Any]]:
@@ -149,39 +160,32 @@ class ReplicaClassifierClient:
 @serve.deployment(name="TrainingController", num_replicas=1,
                   ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ControllerDeployment:
-    """The single `TrainingController` of the application; its schedule runs in a thread."""
+    """The single `TrainingController` of the application; its schedule runs in a thread.
+    Its refusals (InvalidTrainRequest, DatasetTooSmall, InsufficientResources, JobRunning,
+    JobNotFound) are raised to the caller as they are."""
 
     def __init__(self, settings: Settings):
         self.controller = TrainingController(settings)
         self.controller.run_background(poll_s=1.0)
 
     async def start(self, overrides: dict[str, Any], source: str) -> dict[str, Any]:
-        try:
-            record = await asyncio.to_thread(self.controller.start, overrides, source)
-        except InvalidTrainRequest as exc:
-            return error_answer(400, exc.code, str(exc))
-        except DatasetTooSmall as exc:
-            return error_answer(400, "dataset_too_small", str(exc))
-        except JobRunning as exc:
-            return error_answer(409, exc.code, str(exc))
-        return {"record": record}
+        return await asyncio.to_thread(self.controller.start, overrides, source)
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        try:
-            return {"record": await asyncio.to_thread(self.controller.cancel, job_id)}
-        except JobNotFound:
-            return error_answer(404, "job_not_found", f"no such training job {job_id!r}")
+        return await asyncio.to_thread(self.controller.cancel, job_id)
 
     def __del__(self) -> None:
         self.controller.stop()
 
 
 class ServeControllerClient:
+    """`service.api.clients.ControllerClient` over the controller deployment's handle."""
+
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
     async def start(self, overrides: dict[str, Any], source: str) -> dict[str, Any]:
-        return await self.handle.start.remote(overrides, source)
+        return await unwrap_domain_error(self.handle.start.remote(overrides, source))
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        return await self.handle.cancel.remote(job_id)
+        return await unwrap_domain_error(self.handle.cancel.remote(job_id))

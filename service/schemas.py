@@ -1,4 +1,4 @@
-"""HTTP shapes of the /v1 API (DESIGN.md "Shapes"), one family per direction.
+"""HTTP shapes of the /v1 API (README, "API at a glance"), one family per direction.
 
 `*Request` models are what clients send, `*Public` what the service answers. They document the
 API at /docs; routes build them from the training contract's plain dicts and dataclasses.
@@ -78,11 +78,25 @@ class ReviewItemPublic(BaseModel):
     label: str
     score: float
     top_k: list[ScoredLabel]
+    margin: float = Field(description="top-1 minus top-2 score; small: nearly another answer")
+    entropy: float = Field(description="entropy of the top-k scores in nats (the rest of the "
+                                       "probability as one outcome); large: spread out")
+    filename: str | None = None
+    image_url: str = Field(description="the image as uploaded (GET, API token)")
 
 
 class ReviewPublic(BaseModel):
     below: float
+    label: str | None = None
+    order: Literal["margin", "entropy", "score"]
     items: list[ReviewItemPublic]
+
+
+class ReviewStatePublic(BaseModel):
+    """A prediction taken out of the review queue (dismissed or labelled)."""
+
+    prediction_id: str
+    state: Literal["pending", "labelled", "dismissed"]
 
 
 class TrainStartedPublic(BaseModel):

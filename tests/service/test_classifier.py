@@ -1,10 +1,8 @@
 """The plain Classifier (no Ray): predictions, every image mode, the checked hot swap, and a
-broken version that keeps the old one serving. Also the prediction store and the schedule's
-persisted tick."""
+broken version that keeps the old one serving."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from pathlib import Path
@@ -12,12 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from service.classifier import Classifier, ModelNotLoaded
-from service.controller import TrainingController
-from service.predictions import PredictionNotFound, PredictionStore, new_prediction_id
-from service.settings import SettingsError, load_settings
-from tests.conftest import BACKBONE, IMAGE_MODES, image_bytes, noisy_image
-from training.dataset import DatasetStore
+from service.classifier import Classifier, ModelNotLoaded, Prediction
+from tests.support.images import IMAGE_MODES, encode, image_bytes
+from tests.support.service import BACKBONE
+from tests.support.waiting import wait_for
+from training.imageio import ImageError
 from training.model import build_model
 from training.presets import EvalPreset
 from training.registry import Registry
@@ -65,9 +62,7 @@ def exif_rotated_jpeg() -> bytes:
     img = Image.new("RGB", (90, 40), (20, 200, 20))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 on display
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", exif=exif.tobytes())
-    return buf.getvalue()
+    return encode(img, "JPEG", exif=exif.tobytes())
 
 
 @pytest.mark.parametrize("data", [*IMAGE_MODES.values(), exif_rotated_jpeg()],
@@ -76,7 +71,8 @@ def test_every_mode_is_classified(home: Path, data: bytes) -> None:
     clf = Classifier(home)
     clf.sync()
     [result] = clf.predict_bytes([(data, 3)])
-    assert result["version"] == "v0" and len(result["top_k"]) == 3
+    assert isinstance(result, Prediction)
+    assert result.version == "v0" and len(result.top_k) == 3
 
 
 def test_exif_rotation_is_applied(home: Path) -> None:
@@ -89,9 +85,10 @@ def test_bad_bytes_fail_alone(home: Path) -> None:
     clf.sync()
     truncated = image_bytes((1, 2, 3), "PNG", size=(200, 200))[:120]
     results = clf.predict_bytes([(truncated, 1), (image_bytes(), 1), (b"GIF89a....", 1)])
-    assert results[0]["error"]["status"] == 400
-    assert results[1]["batch_size"] == 1 and results[1]["version"] == "v0"
-    assert results[2]["error"]["status"] == 415
+    assert isinstance(results[0], ImageError) and results[0].status == 400
+    assert isinstance(results[1], Prediction)
+    assert results[1].batch_size == 1 and results[1].version == "v0"
+    assert isinstance(results[2], ImageError) and results[2].status == 415
 
 
 def test_hot_swap_checks_then_swaps_and_broken_version_keeps_old(tmp_path: Path) -> None:
@@ -122,78 +119,50 @@ def test_hot_swap_checks_then_swaps_and_broken_version_keeps_old(tmp_path: Path)
 
 
 def test_concurrent_predictions_during_swaps(tmp_path: Path) -> None:
+    """A client predicts in a loop while CURRENT swaps v1 -> v0 -> v1: no error, every answer
+    names a version that was served, and each swap (CURRENT written, then `sync` loading and
+    checking the new model) overlaps at least one prediction: the test fails if no prediction
+    ran during the swaps, instead of passing on an idle classifier."""
     registry = Registry(tmp_path)
     registry.ensure_v0(BACKBONE)
     v1 = publish(registry, ["x", "y"])
     clf = Classifier(tmp_path)
     clf.sync()
     errors: list[BaseException] = []
-    versions: set[str] = set()
+    answers: list[tuple[float, float, str]] = []  # (start, end, version) of each prediction
     stop = threading.Event()
 
     def client() -> None:
         while not stop.is_set():
+            t0 = time.monotonic()
             try:
-                versions.add(clf.predict([Image.new("RGB", (64, 64))])[0].version)
+                version = clf.predict([Image.new("RGB", (64, 64))])[0].version
             except BaseException as exc:
                 errors.append(exc)
+                return
+            answers.append((t0, time.monotonic(), version))
 
     t = threading.Thread(target=client)
     t.start()
-    for v in ["v1", "v0", "v1"]:
-        registry.set_current(v)
-        clf.sync()
-    stop.set()
-    t.join()
-    assert not errors and versions <= {"v0", v1}
+    try:
+        wait_for(lambda: answers, timeout=120, interval=0.01, what="a first prediction")
+        swaps: list[tuple[float, float]] = []
+        for v in [v1, "v0", v1]:
+            started = time.monotonic()
+            registry.set_current(v)
+            assert clf.sync() == v
+            swaps.append((started, time.monotonic()))
 
+            def answered_by_new(version: str = v, swapped: float = swaps[-1][1]) -> bool:
+                return any(a[2] == version and a[0] > swapped for a in answers)
 
-def test_prediction_store_bounded_and_review(tmp_path: Path) -> None:
-    store = PredictionStore(tmp_path, keep=3, max_age_s=3600)
-    ids = []
-    for i, score in enumerate([0.9, 0.2, 0.4, 0.1, 0.3]):
-        pid = new_prediction_id()
-        store.save(pid, noisy_image(i, (10, 10, 10)), {"model_version": "v0", "label": "x",
-                                                       "score": score, "top_k": []})
-        ids.append(pid)
-    assert [r["score"] for r in store.review(0.5, 10)] == [0.1, 0.2, 0.3, 0.4]
-    assert store.prune() == 2
-    assert len(store.records()) == 3
-    assert store.get(ids[-1]).image_bytes() == noisy_image(4, (10, 10, 10))
-    for bad in ["../../etc/passwd", "0" * 32, ""]:
-        with pytest.raises(PredictionNotFound):
-            store.get(bad)
-    assert store.prune(now=time.time() + 7200) == 3
-
-
-def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VISIONLOOP_MAX_FILES", "lots")
-    monkeypatch.setenv("VISIONLOOP_RETRAIN_SCHEDULE", "every tuesday")
-    with pytest.raises(SettingsError) as err:
-        load_settings()
-    assert "VISIONLOOP_MAX_FILES" in str(err.value)
-    assert "VISIONLOOP_RETRAIN_SCHEDULE" in str(err.value)
-    monkeypatch.setenv("VISIONLOOP_MAX_FILES", "3")
-    monkeypatch.setenv("VISIONLOOP_RETRAIN_SCHEDULE", "*/5 * * * * */2")
-    assert load_settings().max_files == 3
-
-
-def test_schedule_tick_is_persisted_and_never_fires_twice(tmp_path: Path) -> None:
-    """Ticks without enough new labels start nothing; a restart resumes from the persisted
-    tick, so the same tick is not evaluated again."""
-    settings = load_settings(home=tmp_path, retrain_schedule="0 * * * *", retrain_min_new=5)
-    store = DatasetStore(tmp_path)
-    for i in range(3):
-        store.ingest(noisy_image(i, (200, 0, 0)), "red")
-    t0 = 1_800_000_100.0  # 100 s past an hour; ticks are on the hour
-    controller = TrainingController(settings)
-    assert controller.tick(t0) is None  # first look: remembers the last due tick, fires nothing
-    first = controller._last_tick()
-    assert controller.tick(t0 + 10) is None and controller._last_tick() == first
-    assert controller.tick(t0 + 3600) is None  # due, but 3 < 5 new images
-    second = controller._last_tick()
-    assert second is not None and first is not None and second == first + 3600
-    restarted = TrainingController(settings)
-    assert restarted._last_tick() == second
-    assert restarted.tick(t0 + 3610) is None and restarted._last_tick() == second
-    assert restarted.jobs.list() == []
+            # the client goes on, and is answered by the new version
+            wait_for(answered_by_new, timeout=120, interval=0.01, what=f"a prediction by {v}")
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    assert {version for _, _, version in answers} == {"v0", v1}
+    for started, ended in swaps:
+        assert any(a_start < ended and a_end > started for a_start, a_end, _ in answers), \
+            "no prediction ran during a swap"

@@ -14,7 +14,10 @@ import httpx
 import pytest
 
 from service.cli import build_parser, main
-from tests.conftest import BACKBONE, free_port, noisy_image, wait_for, wait_ready
+from tests.support.images import noisy_image
+from tests.support.service import BACKBONE
+from tests.support.waiting import free_port, wait_for, wait_ready
+from training.config import GateConfig, TrainConfig
 
 COMMANDS = ["up", "train", "import", "models", "predict", "label", "activate"]
 
@@ -57,6 +60,44 @@ def test_train_refuses_too_small_dataset(tmp_path: Path,
     assert "at least 2 labels" in capsys.readouterr().err
     assert main(["train", "--home", str(tmp_path), "--epochs", "0"]) == 1
     assert "epochs" in capsys.readouterr().err
+
+
+def test_train_flags_are_the_config_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """One flag per TrainConfig field (`--gate-...` per GateConfig field), None unless given,
+    read as the field's type; a value of the wrong type is argparse's error naming the flag."""
+    args = vars(build_parser().parse_args(["train"]))
+    assert {f for f in TrainConfig.model_fields if f != "gate"} <= args.keys()
+    assert {"gate_" + f for f in GateConfig.model_fields} <= args.keys()
+    assert all(args[f] is None for f in TrainConfig.model_fields if f != "gate")
+    given = build_parser().parse_args(["train", "--epochs", "3", "--no-gpu", "--lr", "1e-3",
+                                       "--strategy", "finetune", "--backbone-lr", "0.5",
+                                       "--gate-min-accuracy", "0.25"])
+    assert (given.epochs, given.gpu, given.lr, given.strategy, given.backbone_lr,
+            given.gate_min_accuracy) == (3, False, 1e-3, "finetune", 0.5, 0.25)
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["train", "--epochs", "three"])
+    assert exit_.value.code == 2
+    assert "argument --epochs: invalid int value: 'three'" in capsys.readouterr().err
+
+
+def test_settings_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("VISIONLOOP_HOME", str(tmp_path / "home"))
+    assert main(["import", str(make_tree(tmp_path / "tree"))]) == 0
+    assert (tmp_path / "home" / "dataset" / "red").is_dir()
+    monkeypatch.setenv("VISIONLOOP_HOME", "")  # empty: the default, as for the service
+    monkeypatch.chdir(tmp_path)
+    assert main(["models"]) == 0
+    assert (tmp_path / "visionloop-data" / "models").is_dir()
+    monkeypatch.setenv("VISIONLOOP_LOG_LEVEL", "chatty")
+    capsys.readouterr()
+    assert main(["models"]) == 1
+    assert "VISIONLOOP_LOG_LEVEL='chatty'" in capsys.readouterr().err
+    monkeypatch.setenv("VISIONLOOP_LOG_LEVEL", "debug")
+    monkeypatch.setenv("VISIONLOOP_PORT", "0")  # a service setting: not read by `models`
+    assert main(["models", "--home", str(tmp_path / "home")]) == 0
+    assert main(["up", "--home", str(tmp_path / "home")]) == 1
+    assert "VISIONLOOP_PORT='0'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

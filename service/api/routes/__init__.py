@@ -1,0 +1,9 @@
+"""One router per resource, aggregated into `api_router`."""
+
+from fastapi import APIRouter
+
+from service.api.routes import labels, models, ops, predict, review, training
+
+api_router = APIRouter()
+for _module in (ops, predict, labels, review, training, models):
+    api_router.include_router(_module.router)

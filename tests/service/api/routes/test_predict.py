@@ -1,0 +1,109 @@
+"""POST /v1/predict: every bad input refused with its status and code, every image mode a
+client may send accepted, and the answer's shape (multipart and JSON)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+import pytest
+
+from tests.service.api.conftest import Api, MakeApi, dataset_files, files
+from tests.support.http import assert_error
+from tests.support.images import IMAGE_MODES, image_bytes, noisy_image, png_declaring
+
+MAX_BYTES = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def api(make_api: MakeApi) -> Api:
+    return make_api(max_files=3, max_upload_bytes=MAX_BYTES, max_pixels=4_000_000)
+
+
+BAD_PREDICT = {
+    "empty-file": (files(("a.png", b"")), 400, "invalid_image"),
+    "truncated": (files(("a.png", image_bytes(size=(300, 300))[:150])), 400, "invalid_image"),
+    "random-bytes": (files(("a.jpg", bytes(range(256)) * 8)), 415, "unsupported_media_type"),
+    "gif-as-png": (files(("a.png", image_bytes(fmt="GIF"))), 415, "unsupported_media_type"),
+    "tiff-as-jpg": (files(("a.jpg", image_bytes(fmt="TIFF"))), 415, "unsupported_media_type"),
+    "bmp": (files(("a.bmp", image_bytes(fmt="BMP"))), 415, "unsupported_media_type"),
+    "bomb": (files(("a.png", png_declaring(30000, 30000))), 413, "image_too_large"),
+    "too-many-files": (files(*[(f"{i}.png", image_bytes()) for i in range(4)]), 413,
+                       "too_many_files"),
+    "no-files": ({"data": {"note": "x"}, "files": [("other", ("a.txt", b"hi"))]}, 400,
+                 "no_images"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PREDICT), ids=list(BAD_PREDICT))
+def test_predict_rejects(api: Api, case: str) -> None:
+    payload, status, code = BAD_PREDICT[case]
+    kwargs = payload if isinstance(payload, dict) else {"files": payload}
+    body = assert_error(api.client.post("/v1/predict", **kwargs), status, code)
+    if case in ("empty-file", "truncated", "gif-as-png"):  # the message names the file
+        assert body["error"]["message"].startswith("a.png: ")
+
+
+def test_predict_rejects_empty_and_odd_bodies(api: Api) -> None:
+    c = api.client
+    assert_error(c.post("/v1/predict"), 400, "no_images")
+    assert_error(c.post("/v1/predict", content=b"x", headers={"content-type": "text/plain"}),
+                 415)
+    assert_error(c.post("/v1/predict", json={"images": ["%%%"]}), 400)
+    assert_error(c.post("/v1/predict", json={"images": []}), 400, "no_images")
+    assert_error(c.post("/v1/predict", json={"pictures": []}), 400)
+    assert_error(c.post("/v1/predict", content=b"{not json",
+                        headers={"content-type": "application/json"}), 400, "bad_request")
+    assert_error(c.post("/v1/predict", files=files(("a.png", image_bytes())),
+                        params={"top_k": 0}), 400)
+
+
+def test_body_over_limit_is_413_before_decoding(api: Api) -> None:
+    big = b"\x89PNG" + b"\x00" * (MAX_BYTES + 10)
+    c = api.client
+    assert_error(c.post("/v1/predict", files=files(("big.png", big))), 413, "payload_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
+        boundary = b"--xyz\r\nContent-Disposition: form-data; name=\"files\"; " \
+                   b"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n"
+        yield boundary
+        for _ in range(MAX_BYTES // 8192 + 4):
+            yield b"\x00" * 8192
+        yield b"\r\n--xyz--\r\n"
+    r = c.post("/v1/predict", content=chunks(),
+               headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert_error(r, 413, "payload_too_large")
+    before = dataset_files(api.home)
+    r = c.post("/v1/labels", data={"label": "big"}, files=files(("big.png", big)),
+               headers=api.headers())
+    assert_error(r, 413, "payload_too_large")
+    assert dataset_files(api.home) == before
+
+
+@pytest.mark.parametrize("data", IMAGE_MODES.values(), ids=IMAGE_MODES.keys())
+def test_predict_accepts_modes(api: Api, data: bytes) -> None:
+    r = api.client.post("/v1/predict", files=files(("img", data)), params={"top_k": 2})
+    assert r.status_code == 200, r.text
+    [p] = r.json()["predictions"]
+    assert len(p["top_k"]) == 2 and p["label"] == p["top_k"][0]["label"]
+
+
+def test_predict_shapes_json_and_multipart(api: Api) -> None:
+    a, b = noisy_image(1, (200, 20, 20)), noisy_image(2, (20, 20, 200))
+    c = api.client
+    r = c.post("/v1/predict", json={"images": [base64.b64encode(a).decode(),
+                                               base64.b64encode(b).decode()]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == "v0" and r.headers["x-model-version"] == "v0"
+    assert len(body["predictions"]) == 2
+    p = body["predictions"][0]
+    assert set(p) == {"prediction_id", "filename", "label", "score", "top_k"}
+    assert len(p["top_k"]) == 5 and p["filename"] is None
+    scores = [t["score"] for t in p["top_k"]]
+    assert scores == sorted(scores, reverse=True) and p["score"] == scores[0]
+    r = c.post("/v1/predict", files=files(("a.png", a), ("b.png", b)))
+    assert [p["filename"] for p in r.json()["predictions"]] == ["a.png", "b.png"]
+    # the prediction is kept for feedback and review: its id finds its image
+    pid = r.json()["predictions"][1]["prediction_id"]
+    assert c.get(f"/v1/review/{pid}/image", headers=api.headers()).content == b
