@@ -118,7 +118,10 @@ def test_replica_killed_under_load_recovers(svc: RunningService) -> None:
 
 # -- training workers killed ---------------------------------------------------------------------
 
-TRAIN = {"workers": 2, "image_size": 64, "batch_size": 2, "threads": 1, "lr": 0.05}
+# These tests are about faults, not about the gate's bar: the candidate need only match the
+# majority-class baseline on the small held-out split (the gate has tests of its own).
+TRAIN = {"workers": 2, "image_size": 64, "batch_size": 2, "threads": 1, "lr": 0.05,
+         "gate": {"min_error_reduction": 0.0}}
 
 
 def _upload_training_set(svc: RunningService) -> None:

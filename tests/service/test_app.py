@@ -56,8 +56,8 @@ def test_full_loop(svc: RunningService) -> None:
         assert c.get("/v1/dataset").json() == {"labels": {"blue": 20, "red": 20}, "total": 40,
                                                "new_since_last_job": 40}
         with Hammer(svc.url, noisy_image(12345, RED), threads=1, pause_s=0.05) as hammer:
-            r = c.post("/v1/train", json={"epochs": 8, "workers": 2, "image_size": 64,
-                                          "batch_size": 4, "lr": 0.05, "augment": False})
+            r = c.post("/v1/train", json={"epochs": 10, "workers": 2, "image_size": 96,
+                                          "batch_size": 4, "lr": 0.2, "augment": False})
             assert r.status_code == 202, r.text
             job_id = r.json()["job_id"]
             assert r.json()["status"] == "queued"
@@ -76,7 +76,7 @@ def test_full_loop(svc: RunningService) -> None:
             assert job["status"] == "succeeded", job
             assert any(s["status"] == "running" for s in seen)
             assert job["version"] == "v1" and job["promoted"] is True, job["reason"]
-            assert [m["epoch"] for m in job["metrics"]][-1] == 2
+            assert [m["epoch"] for m in job["metrics"]][-1] == 10
             assert job["progress"]["fraction"] == 1.0
             assert {"train_loss", "val_accuracy"} <= set(job["metrics"][-1])
             wait_for(lambda: replica_versions(svc) == ["v1", "v1"], timeout=60,
