@@ -251,6 +251,7 @@ def _validate_rank(rank: int, world_size: int, tmp: str) -> None:
          "confusion": stats.confusion, "correct": stats.correct, "collectives": log}))
 
 
+@pytest.mark.slow  # spawns two processes that each import torch
 def test_sharded_validation_over_two_ranks_equals_one_process_on_the_whole_set(
         tmp_path: Path) -> None:
     mp.spawn(_validate_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
@@ -280,6 +281,7 @@ def _loop_rank(rank: int, world_size: int, tmp: str, loop: LoopConfig) -> None:
     (Path(tmp) / f"collectives{rank}.json").write_text(json.dumps(log))
 
 
+@pytest.mark.slow  # spawns two processes that each import torch
 def test_two_ranks_train_under_gloo_without_ray(tmp_path: Path) -> None:
     loop = _loop(tmp_path, _write_images(tmp_path / "images", per_label=8))
     assert len(loop.train_samples) == 12 and len(loop.val_samples) == 4

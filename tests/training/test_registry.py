@@ -51,6 +51,7 @@ def test_version_zero_is_the_pretrained_imagenet_classifier(tmp_path: Path) -> N
         assert (registry.version_dir("v0") / "model.onnx").exists()
 
 
+@pytest.mark.slow  # a publisher subprocess killed part-way
 def test_publisher_killed_mid_write_leaves_current_complete(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     registry.ensure_v0("efficientnet_lite0")
