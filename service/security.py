@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import SecretStr
 
+from training.dataset import fsync_dir
 from training.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,6 @@ def read_token_file(home: Path | str) -> str | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _create_token_file(path: Path) -> str | None:
     """Write a new token into `path` unless the file exists: -> the token, or None when
     another process created the file first (see the module docstring)."""
@@ -119,7 +112,7 @@ def _create_token_file(path: Path) -> str | None:
             os.link(tmp, path)
         except FileExistsError:
             return None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return token
     finally:
         with contextlib.suppress(FileNotFoundError):
