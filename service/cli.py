@@ -517,6 +517,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        import httpx
+
+        if not isinstance(exc, httpx.TransportError):
+            raise
+        print(f"visionloop: cannot reach the service{_where(exc)}: {exc or type(exc).__name__} "
+              "(is it running? --url or VISIONLOOP_URL names another address)", file=sys.stderr)
+        return 1
+
+
+def _where(exc: Exception) -> str:
+    """' at <url>' of the request a transport error belongs to, when it has one."""
+    try:
+        url = exc.request.url  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return ""
+    return f" at {url.scheme}://{url.netloc.decode()}"
 
 
 if __name__ == "__main__":

@@ -151,3 +151,14 @@ def run_up(tmp_path: Path, home: Path, port: int, env: dict[str, str], log: Any)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_unreachable_service_is_one_line_naming_the_address(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(noisy_image(1, (200, 30, 30)))
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["predict", str(image), "--url", url, "--home", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"visionloop: cannot reach the service at {url}")
+    assert "VISIONLOOP_URL" in err and "Traceback" not in err and err.count("\n") == 1
