@@ -8,8 +8,9 @@ Authorize button); who may call what is `service.security.authorize`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -47,46 +48,21 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def _settings(s: ServicesDep) -> Settings:
-    return s.settings
+def _part(name: str) -> Callable[[Services], Any]:
+    """A dependency that gives one field of the app's `Services`."""
+    def get(s: ServicesDep) -> Any:
+        return getattr(s, name)
+    return get
 
 
-def _store(s: ServicesDep) -> DatasetStore:
-    return s.store
-
-
-def _registry(s: ServicesDep) -> Registry:
-    return s.registry
-
-
-def _jobs(s: ServicesDep) -> JobStore:
-    return s.jobs
-
-
-def _predictions(s: ServicesDep) -> PredictionStore:
-    return s.predictions
-
-
-def _metrics(s: ServicesDep) -> Metrics:
-    return s.metrics
-
-
-def _classifier(s: ServicesDep) -> ClassifierClient:
-    return s.classifier
-
-
-def _controller(s: ServicesDep) -> ControllerClient:
-    return s.controller
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-StoreDep = Annotated[DatasetStore, Depends(_store)]
-RegistryDep = Annotated[Registry, Depends(_registry)]
-JobsDep = Annotated[JobStore, Depends(_jobs)]
-PredictionsDep = Annotated[PredictionStore, Depends(_predictions)]
-MetricsDep = Annotated[Metrics, Depends(_metrics)]
-ClassifierDep = Annotated[ClassifierClient, Depends(_classifier)]
-ControllerDep = Annotated[ControllerClient, Depends(_controller)]
+SettingsDep = Annotated[Settings, Depends(_part("settings"))]
+StoreDep = Annotated[DatasetStore, Depends(_part("store"))]
+RegistryDep = Annotated[Registry, Depends(_part("registry"))]
+JobsDep = Annotated[JobStore, Depends(_part("jobs"))]
+PredictionsDep = Annotated[PredictionStore, Depends(_part("predictions"))]
+MetricsDep = Annotated[Metrics, Depends(_part("metrics"))]
+ClassifierDep = Annotated[ClassifierClient, Depends(_part("classifier"))]
+ControllerDep = Annotated[ControllerClient, Depends(_part("controller"))]
 
 bearer_scheme = HTTPBearer(
     auto_error=False, scheme_name="APIToken",
