@@ -149,6 +149,10 @@ class PredictionIndexBusy(DomainError):
     headers = {"Retry-After": "1"}
 
 
+WAL_CHECKPOINT_PAGES = 256
+WAL_SIZE_LIMIT = 1 << 20
+
+
 def new_prediction_id() -> str:
     return secrets.token_hex(16)
 
@@ -269,6 +273,11 @@ class PredictionStore:
             # In WAL mode NORMAL syncs at checkpoints only: a crash may lose the last few
             # predictions, never the index's consistency, and predict does not wait for the disk.
             db.execute("PRAGMA synchronous=NORMAL")
+            # The WAL outside the byte bound stays small: checkpoint every 256 pages (1 MiB at
+            # 4 KiB pages; SQLite's default is 1000) and truncate the file back to 1 MiB after
+            # one, instead of keeping its high-water mark.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             connections[os.getpid()] = db
         yield db
 
