@@ -14,8 +14,8 @@ built beforehand) posting 640x480 photo-like JPEGs (multipart) over loopback. Se
    p50 at 1 client - in-process p50 at batch 1;
 3. hot reload: with 2 replicas under load, seconds from CURRENT changing to every replica
    answering with the new version, and failed requests during the swap.
-The results also quote a peer figure for comparison, TORCHSERVE_16_CLIENTS: TorchServe 0.12
-serving the same model to 16 clients on one of our 2-core machines (measured by the team).
+No peer (TorchServe, BentoML) is measured here yet, so no peer figure is printed: a figure
+that no run of this benchmark produced is not quoted.
 """
 
 from __future__ import annotations
@@ -42,9 +42,6 @@ from tests.support.load import Hammer
 from tests.support.service import start_service
 from tests.support.waiting import free_port, wait_for, wait_ready
 from training.inference import onnxruntime_available
-
-TORCHSERVE_16_CLIENTS = "42-46"  # images/s, measured by the team, 2026-11
-
 
 BOUNDARY = b"visionloop-bench"
 
@@ -313,8 +310,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_results("serving-haproxy" if args.haproxy else "serving", results, rows, [
         f"Serve's {front}",
         f"best served at 16 clients: {best16['images_per_s']} images/s ({best16['layout']}), "
-        f"{best16['ratio']} x the best in-process layout measured in this run; TorchServe "
-        f"0.12 on the same model and a 2-core machine: {TORCHSERVE_16_CLIENTS} images/s",
+        f"{best16['ratio']} x the best in-process layout measured in this run",
+        "peers (TorchServe, BentoML): not measured by this benchmark",
         f"added latency at 1 client (served p50 - in-process batch-1 p50 at the same threads "
         f"per replica): {added} ms ({best1['layout']})",
         f"hot reload under load: every replica on the new version {reload.get('swap_s')} s "
