@@ -17,6 +17,16 @@ and retention. Plain Python; `service.deployments.ControllerDeployment` wraps it
   least `VISIONLOOP_RETRAIN_MIN_NEW` images are new since the last job and none is running;
   that job is `start({})`: the deployment's training defaults (`VISIONLOOP_TRAIN_*`). A job
   the cluster cannot hold is not started (logged); the next tick looks again.
+- Resume (`resume(job_id)`, `POST /v1/train/{id}/resume`): a failed, cancelled or interrupted
+  job reruns under its id from its last checkpoint with its config and dataset snapshot
+  (`training.pipeline.resume_job`; `plan_resume` refuses, before anything is written, with
+  404, 409 `job_running` or 409 `job_not_resumable` saying why). On start, a job left
+  `queued`/`running` by a process that died is marked `failed`, reason `interrupted`, keeping
+  its metrics; with `VISIONLOOP_RESUME_INTERRUPTED` (default true) the newest such job is then
+  resumed at once (`resumes[].source` "restart"); one that cannot be resumed stays marked, its
+  error saying why. A job the CLI is running (the volume's job lock held) is left alone.
+- A refusal because a job runs (`JobRunning`, 409) names that job: id, who started it, status
+  and epoch, and how to cancel it (`JobStore.job_running_error`).
 - Retention after every job and every minute: model versions beyond `keep_versions` (by
   `run_job`), Ray Train run folders of finished jobs beyond the newest `keep_versions`, and
   predictions beyond their bounds (`PredictionStore.prune`: age, count, bytes).
@@ -45,6 +55,11 @@ from training.jobs import ACTIVE, CANCELLED_ON_REQUEST, JobRunning, JobStore, er
 from training.resources import InsufficientResources, check_cluster
 
 log = logging.getLogger(__name__)
+
+# How long `resume` waits for the resumed job to be back to `queued` (its lock taken, its
+# snapshot opened) before it answers with the record as it is.
+RESUME_START_TIMEOUT_S = 60.0
+RESUMED_ON_RESTART = "restart"  # `resumes[].source` of a job resumed when the service starts
 
 
 class InvalidTrainRequest(DomainError, ValueError):
@@ -89,6 +104,8 @@ class TrainingController:
         interrupted = self.jobs.mark_interrupted()
         if interrupted:
             log.warning("marked %d interrupted job(s) failed: %s", len(interrupted), interrupted)
+            if settings.resume_interrupted:
+                self._resume_interrupted(interrupted[0])
 
     # -- jobs ----------------------------------------------------------------------------------
     def running(self) -> bool:
@@ -105,7 +122,7 @@ class TrainingController:
         check_cluster(cfg)
         with self._lock:
             if self.running():
-                raise JobRunning("a training job is already running on this volume")
+                raise self.jobs.job_running_error()
             record = self.jobs.create(cfg.model_dump(), source)
             self._thread = threading.Thread(target=self._run, args=(cfg, record["job_id"], source),
                                             name=f"job-{record['job_id']}", daemon=True)
@@ -129,6 +146,68 @@ class TrainingController:
             self.jobs.finish(job_id, "failed", "error", error=error_text(exc))
         finally:
             self.prune_runs()
+
+    def resume(self, job_id: str, source: str = "api") -> dict[str, Any]:
+        """Resume job `job_id` in a thread (`training.pipeline.resume_job`) -> its record once
+        it is back to `queued` (with `resumed_from_epoch` and `resumes`). Raises JobNotFound
+        (404), JobRunning (409, naming the running job), JobNotResumable (409, saying why) and
+        InsufficientResources (400), each before anything is written."""
+        from training.pipeline import plan_resume
+
+        started = threading.Event()
+        box: dict[str, BaseException] = {}
+        self.jobs.get(job_id)  # 404 first
+        if self.running():
+            raise self.jobs.job_running_error()
+        plan = plan_resume(self.home, job_id)
+        check_cluster(plan.cfg)
+        with self._lock:
+            if self.running():
+                raise self.jobs.job_running_error()
+            self._thread = threading.Thread(target=self._resume, name=f"job-{job_id}",
+                                            args=(job_id, source, started, box), daemon=True)
+            self._thread.start()
+        started.wait(RESUME_START_TIMEOUT_S)
+        if "error" in box:
+            raise box["error"]
+        log.info("training job %s resumed (%s) from epoch %s", job_id, source, plan.from_epoch)
+        return self.jobs.view(job_id)
+
+    def _resume(self, job_id: str, source: str, started: threading.Event,
+                box: dict[str, BaseException]) -> None:
+        """The resume thread: an error before the job started goes to `box` (the caller
+        raises it; the record is untouched), one after it is logged (the record says it)."""
+        from training.pipeline import resume_job
+
+        try:
+            record = resume_job(self.home, job_id, source=source,
+                                keep_versions=self.settings.keep_versions,
+                                on_started=lambda _: started.set(),
+                                pending_timeout_s=self.settings.train_pending_timeout_s)
+            log.info("resumed training job %s ended: %s (%s)", job_id, record["status"],
+                     record.get("reason"))
+        except Exception as exc:
+            if started.is_set():
+                log.exception("resumed training job %s crashed", job_id)
+            else:
+                box["error"] = exc
+        finally:
+            started.set()
+            self.prune_runs()
+
+    def _resume_interrupted(self, job_id: str) -> None:
+        """On start (`VISIONLOOP_RESUME_INTERRUPTED`): resume the job a stop or crash
+        interrupted; one that cannot be resumed stays `failed` (interrupted) and its error
+        says why it was not."""
+        try:
+            record = self.resume(job_id, source=RESUMED_ON_RESTART)
+        except Exception as exc:  # the service starts all the same; the record says why
+            log.warning("interrupted job %s not resumed: %s", job_id, exc)
+            error = self.jobs.get(job_id).get("error") or ""
+            self.jobs.update(job_id, error=f"{error}; not resumed on restart: {exc}")
+            return
+        log.warning("interrupted job %s resumed on restart from epoch %s", job_id,
+                    record.get("resumed_from_epoch"))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop, at any stage: before its workers start (`run_job` looks before

@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from service.api import create_api
 from service.api.clients import first_result
 from service.api.metrics import Metrics
-from service.classifier import Classifier, ModelNotLoaded, Prediction
+from service.classifier import Classifier, Prediction, Request
 from service.controller import TrainingController
 from service.security import ensure_api_token
 from service.settings import Settings
@@ -100,19 +100,24 @@ class IngressDeployment:
                 log.exception("reload poll")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, items: list[tuple[bytes, int]]
-                             ) -> list[Prediction | DomainError]:
+    async def _predict_batch(self, items: list[Request]) -> list[Prediction | DomainError]:
         loop = asyncio.get_running_loop()
-        try:
-            return list(await loop.run_in_executor(self._inference,
-                                                   self.classifier.predict_bytes, items))
-        except ModelNotLoaded as exc:
-            return [ModelNotLoaded(str(exc)) for _ in items]
+        return list(await loop.run_in_executor(self._inference,
+                                               self.classifier.predict_requests, items))
 
-    async def predict(self, data: bytes, top_k: int) -> Prediction:
+    async def predict(self, data: bytes, top_k: int, version: str | None = None
+                      ) -> Prediction:
         """One image's bytes -> its Prediction (batched with other calls); raises its
-        ImageError or ModelNotLoaded."""
-        return first_result([await self._predict_batch((data, top_k))])
+        ImageError, ModelNotLoaded, or for a named `version` VersionNotFound / InvalidVersion.
+
+        A named version (`?version=`) is answered by this replica, still one Serve hop: it is
+        loaded first in a thread of its own (`Classifier.model_for`: kept in a small LRU of
+        other versions), so the inference thread never waits for that load; then the request
+        joins the same `@serve.batch` as the others, and each batch runs one forward pass per
+        version in it (`Classifier.predict_requests`)."""
+        if version is not None:
+            await asyncio.to_thread(self.classifier.model_for, version)
+        return first_result([await self._predict_batch((data, top_k, version))])
 
     def peers(self) -> DeploymentHandle:
         """A handle on this deployment (every replica, this one included), for broadcasts."""
@@ -144,8 +149,9 @@ class ReplicaClassifierClient:
     def __init__(self, replica: IngressDeployment):
         self.replica = replica
 
-    async def predict(self, data: bytes, top_k: int) -> Prediction:
-        return await self.replica.predict(data, top_k)
+    async def predict(self, data: bytes, top_k: int, version: str | None = None
+                      ) -> Prediction:
+        return await self.replica.predict(data, top_k, version)
 
     async def statuses(self) -> list[dict[str, Any]]:
         return await self.replica.peers().broadcast("status").results_async(timeout_s=10)
@@ -162,7 +168,8 @@ class ReplicaClassifierClient:
 class ControllerDeployment:
     """The single `TrainingController` of the application; its schedule runs in a thread.
     Its refusals (InvalidTrainRequest, DatasetTooSmall, InsufficientResources, JobRunning,
-    JobNotFound) are raised to the caller as they are."""
+    JobNotFound, JobNotResumable) are raised to the caller as they are. On start it marks a
+    job a crash interrupted and, with `VISIONLOOP_RESUME_INTERRUPTED`, resumes it."""
 
     def __init__(self, settings: Settings):
         self.controller = TrainingController(settings)
@@ -173,6 +180,9 @@ class ControllerDeployment:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.controller.cancel, job_id)
+
+    async def resume(self, job_id: str, source: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.controller.resume, job_id, source)
 
     def __del__(self) -> None:
         self.controller.stop()
@@ -189,3 +199,6 @@ class ServeControllerClient:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await unwrap_domain_error(self.handle.cancel.remote(job_id))
+
+    async def resume(self, job_id: str, source: str) -> dict[str, Any]:
+        return await unwrap_domain_error(self.handle.resume.remote(job_id, source))

@@ -132,16 +132,39 @@ class JobsPublic(BaseModel):
 
 
 class VersionPublic(BaseModel):
+    """One version in the list (`GET /v1/models`); its classes are in its manifest
+    (`GET /v1/models/{version}`)."""
+
     version: str
     created_at: float | None
     backbone: str | None
-    classes: list[str]
+    class_count: int
     val_accuracy: float | None
+    test_accuracy: float | None = Field(
+        None, description="on its job's held-out test split (none for v0)")
     promoted: bool | None
+
+
+class PolicyPublic(BaseModel):
+    """The promotion policy (`models/POLICY`)."""
+
+    mode: Literal["automatic", "pinned"] = Field(
+        description="automatic: a job that passes the gate becomes CURRENT; pinned: jobs "
+                    "publish but never promote")
+    version: str | None = Field(None, description="the pinned version")
+    changed_at: float | None = None
+    by: str | None = None
+
+
+class PolicyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["automatic", "pinned"] = Field(
+        description="pinned pins the current version")
 
 
 class ModelsPublic(BaseModel):
     current: str | None
+    policy: PolicyPublic
     versions: list[VersionPublic]
 
 
@@ -149,3 +172,45 @@ class ActivatePublic(BaseModel):
     current: str
     replicas: list[str | None] = Field(
         default_factory=list, description="the version each replica now serves")
+    policy: PolicyPublic
+
+
+class DatasetImagePublic(BaseModel):
+    """One stored image of a label, for browsing (`GET /v1/dataset/labels/{label}/images`)."""
+
+    sha256: str
+    bytes: int = Field(description="size of the stored original")
+    added_at: float = Field(description="when its bytes were stored (seconds since the epoch; "
+                                        "a relabel, rename or merge keeps it)")
+    thumbnail_url: str = Field(description="a small JPEG (GET, API token)")
+    image_url: str = Field(description="the original bytes (GET, API token)")
+
+
+class DatasetImagesPublic(BaseModel):
+    """A page of a label's images, newest first (then by sha256)."""
+
+    label: str
+    total: int
+    offset: int
+    limit: int
+    images: list[DatasetImagePublic]
+
+
+class LabelRenameRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(description="the new name; it must not be a label already (merge then)")
+
+
+class LabelMergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    into: str = Field(description="an existing label that takes every image")
+
+
+class LabelChangePublic(BaseModel):
+    """A finished rename or merge: `old_label`'s `moved` images are now under `label`, which
+    holds `total` images."""
+
+    label: str
+    old_label: str
+    moved: int
+    total: int

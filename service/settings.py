@@ -191,6 +191,10 @@ class Settings(CommonSettings):
         DEFAULT_PENDING_TIMEOUT_S, ge=1.0, le=7 * 24 * 3600.0,
         description="a job whose workers the Ray cluster has not had free for this long fails "
                     "(reason `pending`)")
+    resume_interrupted: bool = Field(
+        True, description="on start, resume the job that a stop or crash interrupted (from its "
+                          "last checkpoint, same config and dataset snapshot) instead of only "
+                          "marking it failed (reason `interrupted`)")
 
     @field_validator("backbone")
     @classmethod

@@ -12,7 +12,17 @@ the service and the training workers share and which survives restarts:
 
 A record goes queued -> running -> succeeded | failed | cancelled; every end goes through
 `JobStore.finish`. The lock is an OS file lock, so it dies with its holder: a record still
-`running` whose lock is free was interrupted (`mark_interrupted`).
+`running` whose lock is free was interrupted (`mark_interrupted`: `failed`, reason
+`interrupted`, keeping the epochs it finished and where it stood).
+
+A failed, cancelled or interrupted job can be resumed under its own id
+(`training.pipeline.resume_job`): `begin_resume` puts the record back to `queued`, keeps the
+metrics of the epochs up to the checkpoint it resumes from, sets `resumed_from_epoch`, and
+appends one entry to `resumes` (when, by whom, from which epoch, and how the job had ended).
+`started_at` stays the first start; `resumed_at` is the last resume.
+
+`JobRunning` names the job that holds the lock (`job_running_error`): its id, who started it,
+its status and epoch, and how to cancel it.
 """
 
 from __future__ import annotations
@@ -50,9 +60,22 @@ JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class JobRunning(DomainError, RuntimeError):
-    """Another training job holds this volume's job lock."""
+    """Another training job holds this volume's job lock. `job_id`: that job, when its record
+    is known (the message names it; `JobStore.job_running_error` builds both)."""
 
     code = "job_running"
+    status = 409
+
+    def __init__(self, *args: Any, job_id: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.job_id = job_id
+
+
+class JobNotResumable(DomainError, RuntimeError):
+    """A job that cannot be resumed (it succeeded, or nothing of it is left to continue
+    from); the message says why and what to do instead."""
+
+    code = "job_not_resumable"
     status = 409
 
 
@@ -76,6 +99,28 @@ def progress_summary(progress: dict[str, Any] | None, epochs: int) -> dict[str, 
     return {"epoch": p.get("epoch", 0), "epochs": p.get("epochs", epochs),
             "step": p.get("step", 0), "steps": p.get("steps", 0),
             "fraction": p.get("fraction", 0.0), "eta_s": p.get("eta_s")}
+
+
+def running_message(record: dict[str, Any] | None) -> str:
+    """What a JobRunning says about the job holding the lock: its id, who started it
+    (`source`: api, schedule, cli), its status and epoch x/y, and how to cancel it. `record`
+    is the job's view (live progress merged), or None when the holder has not written its
+    record yet (a `visionloop train` still checking its data)."""
+    if record is None:
+        return ("a training job is already running on this volume (its record is not written "
+                "yet: it is starting); `GET /v1/train` lists it in a moment, and "
+                "`DELETE /v1/train/{id}` or `visionloop cancel {id}` cancels it")
+    job_id = record["job_id"]
+    p = record.get("progress") or {}
+    where = f"epoch {p.get('epoch', 0)}/{p.get('epochs', 0)}"
+    if record.get("pending") and not (record["pending"] or {}).get("until"):
+        where += ", waiting for the cluster's resources"
+    resumed = (f", resumed from epoch {record['resumed_from_epoch']}"
+               if record.get("resumed_from_epoch") is not None and record.get("resumes") else "")
+    return (f"training job {job_id} is already running on this volume (started by "
+            f"{record.get('source') or 'unknown'}, {record.get('status')}, {where}{resumed}); "
+            f"wait for it to end, or cancel it with `DELETE /v1/train/{job_id}` or "
+            f"`visionloop cancel {job_id}`")
 
 
 def placement_of(progress: dict[str, Any] | None) -> dict[str, Any]:
@@ -200,12 +245,33 @@ class JobStore:
         return record
 
     # -- lock, cancel, interruption -------------------------------------------------------------
+    def active(self) -> dict[str, Any] | None:
+        """The view of the job that is queued or running, or None. Were several records left
+        active (one running, older ones from a process that died and not yet marked), the one
+        started or resumed last is the one running."""
+        active = [r for r in self.list() if r.get("status") in ACTIVE]
+        if not active:
+            return None
+        newest = max(active, key=lambda r: max(float(r.get("created_at") or 0),
+                                               float(r.get("resumed_at") or 0)))
+        try:
+            return self.view(newest["job_id"])
+        except JobNotFound:  # it went between the two reads
+            return None
+
+    def job_running_error(self) -> JobRunning:
+        """The JobRunning to raise while a job holds the lock: it names that job."""
+        record = self.active()
+        return JobRunning(running_message(record),
+                          job_id=record["job_id"] if record else None)
+
     def acquire(self) -> FileLock:
-        """Take the job lock or raise JobRunning. Release with `.release()`."""
+        """Take the job lock or raise JobRunning (naming the job that holds it). Release with
+        `.release()`."""
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
-            raise JobRunning("a training job is already running on this volume") from None
+            raise self.job_running_error() from None
         return self.lock
 
     def is_locked(self) -> bool:
@@ -230,14 +296,55 @@ class JobStore:
         return self.cancel_path(job_id).exists()
 
     def mark_interrupted(self) -> builtins.list[str]:
-        """Records left queued/running by a process that died -> failed, reason interrupted.
-        Only when nobody holds the job lock (a live CLI job is left alone)."""
+        """Records left queued/running by a process that died -> failed, reason interrupted,
+        keeping what the workers had written: the metrics of the epochs they finished, the
+        progress (epoch x/y) where they stopped, `resumed_from_epoch`, and where they ran. Only
+        when nobody holds the job lock (a live CLI job is left alone). -> their ids, newest
+        first."""
         stale = [r for r in self.list() if r.get("status") in ACTIVE]
         if not stale or self.is_locked():
             return []
         for r in stale:
-            self.finish(r["job_id"], "failed", "interrupted",
+            job_id = r["job_id"]
+            view = self.view(job_id) if r["status"] == "running" else r
+            kept = {k: view[k] for k in ("progress", "metrics", "resumed_from_epoch")
+                    if view.get(k) is not None}
+            if kept.get("progress"):
+                kept["progress"] = {**kept["progress"], "eta_s": None}
+            self.finish(job_id, "failed", "interrupted",
                         error="the process running this job stopped before it finished; its "
-                              "checkpoints stay in runs/")
-            log.warning("job %s was interrupted (marked failed)", r["job_id"])
+                              "checkpoints stay in runs/ and its dataset snapshot in "
+                              f"dataset/.snapshots/: resume it with `POST "
+                              f"/v1/train/{job_id}/resume` or `visionloop train --resume "
+                              f"{job_id}`", **kept)
+            log.warning("job %s was interrupted (marked failed; it can be resumed)", job_id)
         return [r["job_id"] for r in stale]
+
+    def begin_resume(self, job_id: str, source: str, from_epoch: int | None,
+                     epochs: int) -> dict[str, Any]:
+        """Put a failed, cancelled or interrupted job back to `queued` for a resume from the
+        checkpoint of epoch `from_epoch` (None: from the start, on its dataset snapshot) of
+        `epochs`. The record keeps the metrics of epochs 1..from_epoch (the checkpoint has
+        them too: the workers carry on from there), gets `resumed_from_epoch`, `resumed_at`,
+        and one more entry in `resumes` ({"at", "source", "from_epoch", "after": {"status",
+        "reason", "error"}}); its end (`finished_at`, reason, error, version, promoted) is
+        cleared. The progress file is rewritten the same way (attempts kept), so progress
+        reads epoch from_epoch/epochs until the workers report. -> the record."""
+        record = self.get(job_id)
+        done = from_epoch or 0
+        metrics = [m for m in record.get("metrics") or [] if int(m.get("epoch", 0)) <= done]
+        now = time.time()
+        resumes = [*(record.get("resumes") or []),
+                   {"at": now, "source": source, "from_epoch": from_epoch,
+                    "after": {k: record.get(k) for k in ("status", "reason", "error")}}]
+        progress = {"epoch": done, "epochs": epochs, "step": 0, "steps": 0,
+                    "fraction": round(done / max(1, epochs), 4), "eta_s": None}
+        old = self.read_progress(job_id) or {}
+        write_file_atomic(self.progress_path(job_id), json.dumps(
+            {**old, **progress, "metrics": metrics, "resumed_from_epoch": from_epoch,
+             "updated_at": now}).encode())
+        self.cancel_path(job_id).unlink(missing_ok=True)
+        return self.update(job_id, status="queued", resumed_from_epoch=from_epoch,
+                           resumed_at=now, resumes=resumes, metrics=metrics,
+                           progress=progress, finished_at=None, reason=None, error=None,
+                           version=None, promoted=None, pending=None)

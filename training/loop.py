@@ -12,14 +12,18 @@ DistributedSampler, reshuffled every epoch (`set_epoch`); the validation split c
 shards (`ShardSampler`), each rank evaluating its own; pinned memory and loader processes on a
 GPU; and the trained module wrapped by the session (DDP when there is more than one worker): the
 whole network, or in feature-extract without augmentation only the head, trained on cached
-backbone features; (4) resume from the session's latest checkpoint when the group was restarted
-after a failure; (5) per epoch: train, reduce the train sums, validate (rank 0's BatchNorm
-statistics first, then each shard; the loss sum, correct and image counts and the confusion
-matrix are summed over ranks, so validation metrics are exact, identical on every rank and equal
-to one process evaluating the whole split), report (rank 0 attaches the checkpoint). Rank 0
-also writes the job's progress file, which the CLI and the service read while the job runs. A
-cancel file is polled every step and agreed on by all ranks (all-reduce), so the group stops
-together. Every collective goes through `training.distributed`, on the training device.
+backbone features; (4) resume from the session's latest checkpoint: when the group was restarted
+after a failure, or when the job itself is resumed (`training.pipeline.resume_job`: a new run
+under the same Ray Train run name; under `TorchSession`, the same folder), the model, optimiser,
+scheduler, scaler, epoch and the metrics history come from it, and the progress file says
+`resumed_from_epoch` and starts at that epoch; (5) per epoch: train, reduce the train sums,
+validate (rank 0's BatchNorm statistics first, then each shard; the loss sum, correct and image
+counts and the confusion matrix are summed over ranks, so validation metrics are exact,
+identical on every rank and equal to one process evaluating the whole split), report (rank 0
+attaches the checkpoint). Rank 0 also writes the job's progress file, which the CLI and the
+service read while the job runs. A cancel file is polled every step and agreed on by all ranks
+(all-reduce), so the group stops together. Every collective goes through `training.distributed`,
+on the training device.
 """
 
 from __future__ import annotations
@@ -349,6 +353,7 @@ def run_worker(loop: LoopConfig, session: WorkerSession) -> None:
                                 "node_id": session.node_id, "device": str(device)})
     if progress is not None:
         progress.placed(placement, start_epoch if state is not None else None)
+        progress.step(start_epoch, 0, steps, start_epoch, force=True)  # epoch start/epochs
 
     # 5. Epochs.
     for epoch in range(start_epoch, cfg.epochs):

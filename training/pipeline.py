@@ -13,6 +13,10 @@ Deletes and relabels while the job runs change the store, not the snapshot, and 
 for the next job: the job record's `ledger_offset` is the snapshot's
 (`service.controller.new_since_last_job` counts from it).
 
+`resume_job` reruns a failed, cancelled or interrupted job under its id: the same config, its
+dataset snapshot, and the same Ray Train run folder, so the workers carry on from its last
+checkpoint (`plan_resume` says whether that is possible, and why not).
+
 The caller owns Ray: `ray.init()` (local or `RAY_ADDRESS`) happens before `run_job`.
 """
 
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -48,7 +53,9 @@ from training.engine import EpochStats, ImageFileDataset, evaluate
 from training.features import ensure_resized, feature_key
 from training.inference import choose_engine
 from training.jobs import (
+    ACTIVE,
     CANCELLED_ON_REQUEST,
+    JobNotResumable,
     JobStore,
     error_text,
     new_job_id,
@@ -288,6 +295,7 @@ class Judgement:
     scores: list[VersionScore]  # every version evaluated, oldest first
     promote: bool
     reason: str
+    current_name: str | None = None  # what CURRENT named when judged (None: nothing served)
 
     def record(self, data: PreparedData, cfg: GateConfig) -> dict[str, Any]:
         """The manifest's and the job record's `promotion`: the split that judged and the
@@ -314,7 +322,11 @@ def judge(registry: Registry, candidate: nn.Module, preset: EvalPreset, data: Pr
     """Evaluate the candidate, the current model and every other version with the same
     classes on the held-out test split, then apply the `gate`. The versions are those that
     retention kept (`VISIONLOOP_KEEP_VERSIONS` bounds the cost: one CPU pass over the test
-    split each)."""
+    split each).
+
+    CURRENT is read once, without the registry lock (evaluating takes seconds to minutes, and
+    an activate must not wait for it); the Judgement keeps its name (`current_name`), and the
+    promotion (`Registry.publish_candidate`) happens only if CURRENT still names it then."""
     test = evaluate_model(candidate, preset, data.test, data.class_index, len(data.classes))
     baseline = majority_baseline(data.test)
     current_name = registry.current()
@@ -332,7 +344,7 @@ def judge(registry: Registry, candidate: nn.Module, preset: EvalPreset, data: Pr
     best = max(reversed(others), key=lambda s: s.accuracy or 0.0) if others else None
     promote, reason = gate(test.accuracy, baseline, len(data.test), current, best, cfg)
     return Judgement(test, baseline, cfg.minimum(baseline), current, best, scores, promote,
-                     reason)
+                     reason, current_name)
 
 
 def run_job(home: Path, cfg: TrainConfig, job_id: str | None = None, source: str = "cli",
@@ -346,29 +358,63 @@ def run_job(home: Path, cfg: TrainConfig, job_id: str | None = None, source: str
     Before `fit()` it waits at most `pending_timeout_s` for the workers' resources
     (`training.resources.wait_for_resources`: reason `pending`; a cancel meanwhile ends the
     job at once)."""
+    home = Path(home).resolve()
+    store, jobs = DatasetStore(home), JobStore(home)
+    prepare_data(store)  # the live dataset: refused before anything is written
+    lock = jobs.acquire()
+    try:
+        record = jobs.get(job_id) if job_id else None  # the controller's queued record
+        return _train(home, cfg, job_id or new_job_id(), source, record, None, keep_versions,
+                      on_started, pending_timeout_s)
+    finally:
+        lock.release()
+
+
+def _train(home: Path, cfg: TrainConfig, job_id: str, source: str,
+           record: dict[str, Any] | None, resume: ResumePlan | None,
+           keep_versions: int | None, on_started: Callable[[str], None] | None,
+           pending_timeout_s: float) -> dict[str, Any]:
+    """`run_job` and `resume_job` with the job lock held: snapshot, record, fit, publish.
+
+    A resume (`resume` set) trains on the job's own snapshot (or a new one of a dataset with
+    the same images), under the same Ray Train run (`RunConfig(name=job_id,
+    storage_path=runs/)`: Ray Train restores its checkpoint manager from
+    `runs/<job_id>/checkpoint_manager_snapshot.json`, so `ray.train.get_checkpoint()` in the
+    workers is the last checkpoint reported, and the loop carries on from its epoch). A resume
+    refused here leaves the record and the snapshot as they were."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    home = Path(home).resolve()
     store, registry, jobs = DatasetStore(home), Registry(home), JobStore(home)
-    prepare_data(store)  # the live dataset: refused before anything is written
-    lock = jobs.acquire()
     snapshot: Snapshot | None = None
+    started = False
     try:
-        record = jobs.get(job_id) if job_id else None  # the controller's queued record
-        job_id = job_id or new_job_id()
         # With the job lock held no other job runs on this volume: other snapshots are of jobs
-        # that died. This job's own is kept, so a job resumed under its id sees the same data.
-        store.prune_snapshots(keep={job_id})
+        # that died, kept while they can be resumed. This job's own is kept, so a job resumed
+        # under its id sees the same data.
+        store.prune_snapshots(keep=snapshots_to_keep(home, jobs, job_id))
         snapshot = store.open_snapshot(job_id) or store.snapshot(job_id)
         data = prepare_data(snapshot)  # deletes since the check above may make it too small
-        if record is None:
+        if resume is not None:
+            expected = (resume.record.get("dataset") or {}).get("images_sha256")
+            if expected and data.fingerprint["images_sha256"] != expected:
+                raise JobNotResumable(
+                    f"job {job_id} cannot be resumed: its dataset snapshot is gone and the "
+                    "dataset changed while the resume started; start a new job "
+                    "(POST /v1/train)")
+            if resume.discard_run:  # a run state Ray cannot restore: start the run afresh
+                log.warning("job %s: runs/%s holds no usable checkpoint; resuming from the "
+                            "start", job_id, job_id)
+                shutil.rmtree(run_dir(home, job_id), ignore_errors=True)
+            record = jobs.begin_resume(job_id, source, resume.from_epoch, cfg.epochs)
+        elif record is None:
             record = jobs.create(cfg.model_dump(), source, job_id=job_id)
+        started = True
         if on_started:
             on_started(job_id)
         registry.ensure_v0(cfg.backbone)
         choice = registry.resolve_backbone(cfg.backbone)
-        jobs.update(job_id, status="running", started_at=time.time(),
+        jobs.update(job_id, status="running", started_at=record.get("started_at") or time.time(),
                     backbone=choice.name, ledger_offset=snapshot.ledger_offset,
                     dataset=data.fingerprint)
         loop = loop_config(home, jobs, job_id, cfg, choice, data)
@@ -407,11 +453,158 @@ def run_job(home: Path, cfg: TrainConfig, job_id: str | None = None, source: str
             return jobs.finish(job_id, "failed", "error", error=error_text(exc),
                                metrics=jobs.progress_metrics(job_id))
     finally:
+        # A resume refused before it started keeps the snapshot it came to use.
+        if snapshot is not None and (started or resume is None):
+            store.remove_snapshot(snapshot.job_id)
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+# Ray Train 2.60 (Train V2) keeps the state of a run's checkpoint manager in this file of the
+# run's folder (`ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME`): the
+# checkpoints kept, each with the metrics reported with it, and `latest_checkpoint_result`. A
+# new `TorchTrainer` with the same `RunConfig(name, storage_path)` loads it, and what
+# `ray.train.get_checkpoint()` gives the workers is that latest checkpoint (read in Ray's
+# source: `CheckpointManager._maybe_load_state_from_storage`, `before_init_train_context`).
+# It is read here (plain JSON, no Ray import) to know the epoch a resume starts from before
+# anything runs; a file Ray cannot read back would make `fit()` fail, so a resume removes it.
+RUN_STATE_FILE = "checkpoint_manager_snapshot.json"
+RESUMABLE = ("failed", "cancelled")
+
+
+def run_dir(home: Path, job_id: str) -> Path:
+    """Ray Train's folder of job `job_id`: `runs/<job_id>` (its checkpoints and state)."""
+    return Path(home) / "runs" / job_id
+
+
+def latest_checkpoint_epoch(run: Path) -> int | None:
+    """The epoch of the checkpoint Ray Train would restore in `run` (its run folder): the last
+    one reported whose files are there, from `RUN_STATE_FILE`; None when there is none or the
+    state cannot be read."""
+    try:
+        state = json.loads((run / RUN_STATE_FILE).read_text())
+        latest = state["latest_checkpoint_result"]
+        if latest is None:
+            return None
+        name = str(latest["checkpoint_dir_name"])
+        if Path(name).name != name or not (run / name / CHECKPOINT_FILE).is_file():
+            return None
+        return int(latest["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def snapshots_to_keep(home: Path, jobs: JobStore, job_id: str) -> set[str]:
+    """The dataset snapshots a new job must leave: its own, and those of interrupted jobs
+    (left active by a process that died, or marked `interrupted`) that have a checkpoint to
+    resume from. They go with their run folder (`prune_runs` bounds those) or when the
+    resumed job ends."""
+    keep = {job_id}
+    for r in jobs.list():
+        other = r["job_id"]
+        if other == job_id or not (r.get("status") in ACTIVE
+                                   or r.get("reason") == "interrupted"):
+            continue
+        if latest_checkpoint_epoch(run_dir(home, other)) is not None:
+            keep.add(other)
+    return keep
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a resume of one job would do (`plan_resume`). `cfg`: the job's own config, its
+    backbone the one it resolved to; `from_epoch`: the epoch of the checkpoint it continues
+    from (None: from the start); `snapshot`: its dataset snapshot is on the volume (else the
+    live dataset has exactly its images and a new snapshot stands in); `discard_run`: its run
+    folder holds a state Ray cannot restore, removed before it runs."""
+
+    record: dict[str, Any]
+    cfg: TrainConfig
+    from_epoch: int | None
+    snapshot: bool
+    discard_run: bool
+
+
+def plan_resume(home: Path, job_id: str, lock_held: bool = False) -> ResumePlan:
+    """Whether and how job `job_id` can be resumed. Raises JobNotFound; JobRunning when the
+    job is still running (unless `lock_held`: the caller holds the job lock, so a record left
+    active is one whose process died); JobNotResumable (409), saying why, when it succeeded,
+    its config is no longer valid, it has neither a checkpoint nor its dataset snapshot, or
+    its snapshot is gone and the dataset changed since it started (its checkpoint would go on
+    training on other images). Failed (interrupted included) and cancelled jobs can be
+    resumed. Writes nothing."""
+    home = Path(home).resolve()
+    jobs, store = JobStore(home), DatasetStore(home)
+    record = jobs.get(job_id)
+    status = record.get("status")
+    if status in ACTIVE:
+        if not lock_held and jobs.is_locked():
+            raise jobs.job_running_error()
+    elif status == "succeeded":
+        raise JobNotResumable(
+            f"job {job_id} succeeded (it published {record.get('version')}): there is nothing "
+            "to resume; start a new job (POST /v1/train)")
+    elif status not in RESUMABLE:
+        raise JobNotResumable(f"job {job_id} has status {status!r}; only failed or cancelled "
+                              "jobs can be resumed")
+    try:
+        cfg = TrainConfig.model_validate(record["config"])
+    except (ValidationError, KeyError, TypeError) as exc:
+        raise JobNotResumable(f"job {job_id} cannot be resumed: its training configuration is "
+                              f"not valid any more ({exc}); start a new job") from None
+    if record.get("backbone"):
+        cfg = cfg.model_copy(update={"backbone": record["backbone"]})
+    run = run_dir(home, job_id)
+    from_epoch = latest_checkpoint_epoch(run)
+    snapshot = store.open_snapshot(job_id) is not None
+    ended = f"it ended {status}" + (f" ({record['reason']})" if record.get("reason") else "")
+    if from_epoch is None and not snapshot:
+        raise JobNotResumable(
+            f"job {job_id} cannot be resumed: it has no checkpoint (runs/{job_id} holds none: "
+            "it stopped before its first epoch was saved, or retention removed it) and its "
+            f"dataset snapshot is gone ({ended}); start a new job (POST /v1/train)")
+    if not snapshot:
+        expected = (record.get("dataset") or {}).get("images_sha256")
+        if expected is None or expected != _digest(store.items()):
+            raise JobNotResumable(
+                f"job {job_id} cannot be resumed: its dataset snapshot was removed when "
+                f"{ended}, and the dataset has changed since, so its checkpoint of epoch "
+                f"{from_epoch} would go on training on other images; start a new job "
+                "(POST /v1/train)")
+    discard = from_epoch is None and (run / RUN_STATE_FILE).exists()
+    return ResumePlan(record, cfg, from_epoch, snapshot, discard)
+
+
+def resume_job(home: Path, job_id: str, source: str = "cli", keep_versions: int | None = None,
+               on_started: Callable[[str], None] | None = None,
+               pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S) -> dict[str, Any]:
+    """Rerun job `job_id` under its id from its last checkpoint, with its config and dataset
+    snapshot, to its end; -> the final record (status, `resumed_from_epoch`, `resumes`, the
+    metrics of every epoch, those before the checkpoint included). `source`: who resumed it
+    (api, cli, restart), recorded in `resumes`; the record's `source` stays who started it.
+
+    Raises JobNotFound, JobRunning (the job lock is held: the message names that job) and
+    JobNotResumable (`plan_resume`), each before anything is written; a failure once it runs
+    ends the record `failed` with the error, as `run_job` does. `on_started(job_id)` is called
+    once the record is back to `queued`. The caller owns Ray, as for `run_job`."""
+    home = Path(home).resolve()
+    jobs = JobStore(home)
+    jobs.get(job_id)  # an unknown id is 404 whatever runs
+    lock = jobs.acquire()
+    try:
+        plan = plan_resume(home, job_id, lock_held=True)
+        log.info("resuming job %s from epoch %s of %d (%s)", job_id, plan.from_epoch,
+                 plan.cfg.epochs, "its snapshot" if plan.snapshot else "a new snapshot")
         try:
-            if snapshot is not None:
-                store.remove_snapshot(snapshot.job_id)
-        finally:
-            lock.release()
+            return _train(home, plan.cfg, job_id, source, plan.record, plan, keep_versions,
+                          on_started, pending_timeout_s)
+        except Exception as exc:
+            if jobs.get(job_id).get("status") in ACTIVE:  # it had started: end it, as run_job's
+                jobs.finish(job_id, "failed", "error", error=error_text(exc),  # callers do
+                            metrics=jobs.progress_metrics(job_id))
+            raise
+    finally:
+        lock.release()
 
 
 def loop_config(home: Path, jobs: JobStore, job_id: str, cfg: TrainConfig,
@@ -437,10 +630,14 @@ def loop_config(home: Path, jobs: JobStore, job_id: str, cfg: TrainConfig,
 
 def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
             choice: BackboneChoice, data: PreparedData, state: dict[str, Any],
-            keep_versions: int | None) -> dict[str, Any]:
-    """The best checkpoint's `state` -> judged on the held-out test split (`judge`), published
-    as models/v<N> with its data list, promoted if it passes the gate; the job finishes
-    `succeeded`. -> the final record.
+            keep_versions: int | None, judged: Judgement | None = None) -> dict[str, Any]:
+    """The best checkpoint's `state` -> judged on the held-out test split (`judge`; or
+    `judged`, when the caller judged it already), published as models/v<N> with its data list,
+    and promoted to CURRENT if it passes the gate, the promotion policy is automatic and CURRENT
+    is still the version it was judged against, all decided under the registry lock
+    (`Registry.publish_candidate`): a version activated or pinned meanwhile stays, and the
+    reason says why the candidate was not promoted. The job finishes `succeeded`. -> the final
+    record.
 
     The manifest's validation figures (`best_val_accuracy`, the confusion matrix and plot) are
     the workers' evaluation of the best epoch, the one that chose it; `metrics.test` and
@@ -450,7 +647,7 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
     candidate = build_model(choice.name, num_classes=len(data.classes), pretrained=False)
     candidate.load_state_dict(state["model"])
     candidate.eval()
-    judged = judge(registry, candidate, preset, data, cfg.gate)
+    judged = judged or judge(registry, candidate, preset, data, cfg.gate)
     promotion = judged.record(data, cfg.gate)
 
     # The progress file has every epoch; the best checkpoint only the epochs up to itself.
@@ -484,18 +681,18 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
             "software": software_versions(), "plots": ["curves", "confusion"],
             "inference": inference,
         }
-        registry.publish(version, staging, state["model"], manifest, data.data_list())
+        promotion = registry.publish_candidate(version, staging, state["model"], manifest,
+                                               data.data_list(), judged.current_name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if judged.promote:
-        registry.set_current(version)
+    promoted, reason = bool(promotion["promoted"]), str(promotion["reason"])
     log.info("job %s: %s published, %s (%s)", job_id, version,
-             "promoted" if judged.promote else "not promoted", judged.reason)
+             "promoted" if promoted else "not promoted", reason)
     if keep_versions:
         registry.prune(keep_versions)
-    return jobs.finish(job_id, "succeeded", judged.reason, version=version,
-                       promoted=judged.promote, metrics=history,
+    return jobs.finish(job_id, "succeeded", reason, version=version,
+                       promoted=promoted, metrics=history,
                        progress={**progress_summary(progress, cfg.epochs), "fraction": 1.0,
                                  "eta_s": 0},
                        resumed_from_epoch=progress.get("resumed_from_epoch"),

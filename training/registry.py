@@ -5,12 +5,36 @@
     models/v<N>/data.json           the (sha256, label) pairs it was trained and validated on
     models/v<N>/*.png               plots (curves, confusion matrix)
     models/.v<N>.partial/           a version being written; never read
+    models/.v<N>.removed/           a version being removed by retention; never read
     models/CURRENT                  the served version's name, replaced atomically
-    models/.lock                    version numbers are allocated under this lock
+    models/POLICY                   the promotion policy (JSON; absent: automatic)
+    models/.lock                    every change of CURRENT, POLICY or the set of versions
 
 Publishing is crash-safe: files are written into `.v<N>.partial/` and fsynced, the folder is
 renamed to `v<N>` (atomic on POSIX), then CURRENT is replaced by temp + fsync + os.replace +
 fsync of the folder. A reader never sees a half-written version.
+
+One lock for every writer. CURRENT has three writers, in different processes (the API's
+activate, a job's promotion in the service or in `visionloop train`, retention), so every change
+of CURRENT, of POLICY and of the set of versions happens under `models/.lock`, a cross-process
+`FileLock` (also exclusive between threads, and re-entrant in the thread that holds it). Readers
+(`current`, `versions`, `load`, the replicas' poll) take no lock: each file they read is
+replaced atomically. What the lock guarantees:
+- `activate` checks the version and sets CURRENT (and the pin) in one critical section, so
+  retention cannot remove it in between;
+- `publish_candidate` promotes a job's candidate only if CURRENT is still the version the gate
+  judged against and the policy is `automatic`; otherwise it publishes without promoting and
+  says why, so a person's choice made while the job was judging stays;
+- `prune` never removes CURRENT, the pinned version, their parents, or v0, as they are at the
+  moment it runs.
+The lock is held for file operations only (at most a publish's write and fsync), never while a
+model is evaluated or loaded.
+
+Promotion policy (`models/POLICY`, `policy()` / `set_policy()`): `automatic` (the default, and
+what an absent file means): a job whose candidate passes the gate becomes CURRENT; `pinned`:
+jobs publish but never promote, until the policy is set back to automatic. Activating a version
+pins it unless asked not to (`activate(..., pin=False)`, which sets the policy to automatic: the
+activated version serves until a job passes the gate against it).
 """
 
 from __future__ import annotations
@@ -23,6 +47,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +69,12 @@ VERSION_PATTERN = re.compile(r"^v(\d{1,9})$")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 DATA = "data.json"
+POLICY = "POLICY"
 FORMAT_VERSION = 1
+AUTOMATIC, PINNED = "automatic", "pinned"
+POLICY_MODES = (AUTOMATIC, PINNED)
+UNPIN_HINT = ("PUT /v1/models/policy {\"mode\":\"automatic\"} or `visionloop unpin` lets jobs "
+              "promote")
 
 
 class VersionNotFound(DomainError, LookupError):
@@ -57,6 +87,18 @@ class InvalidVersion(DomainError, ValueError):
     the version is there, but in a state that cannot serve the request; the message names it."""
 
     code = "invalid_version"
+    status = 409
+
+
+class InvalidPolicy(DomainError, ValueError):
+    code = "invalid_policy"
+    status = 400
+
+
+class NoCurrentVersion(DomainError, LookupError):
+    """Pinning needs a version to pin: refused while CURRENT names none (409)."""
+
+    code = "no_current_version"
     status = 409
 
 
@@ -101,6 +143,27 @@ class LoadedModel:
     manifest: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Activation:
+    """What `Registry.activate` changed, so that `undo_activation` can put it back."""
+
+    version: str
+    previous: str | None
+    previous_policy: dict[str, Any]
+    policy: dict[str, Any]
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "an unknown time"
+
+
+def pinned_note(policy: dict[str, Any]) -> str:
+    """Why a job does not promote while the policy is pinned, and the way out."""
+    by = f" by {policy['by']}" if policy.get("by") else ""
+    return (f"pinned to {policy.get('version')} since {_when(policy.get('changed_at'))}{by}; "
+            f"{UNPIN_HINT}")
+
+
 class Registry:
     def __init__(self, home: Path | str):
         self.home = Path(home)
@@ -129,6 +192,42 @@ class Registry:
         if not (path / MANIFEST).exists():
             raise VersionNotFound(f"no such version {version!r}")
         return path
+
+    def weights_file(self, version: str) -> tuple[Path, os.stat_result]:
+        """The weights file of `version` and its stat. Raises VersionNotFound (404) for a
+        version that is not there, and InvalidVersion (409, naming the version) for one whose
+        weights file is gone or is not a file: the version exists but cannot be served (nor
+        downloaded)."""
+        path = self.version_dir(version) / WEIGHTS
+        try:
+            info = path.stat()
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            raise InvalidVersion(f"{version} is broken: its weights file {WEIGHTS} is missing "
+                                 "from the volume; activate or train another version")
+        return path, info
+
+    def policy(self) -> dict[str, Any]:
+        """The promotion policy: {"mode": "automatic" | "pinned", "version" (the pinned
+        version, else None), "changed_at" (epoch seconds), "by" (who set it)}. An absent
+        POLICY file is automatic. An unreadable one (edited by hand) counts as pinned to
+        CURRENT, so that no job replaces a model while nobody can tell what was meant; it is
+        logged, and `set_policy` rewrites it."""
+        try:
+            raw = json.loads((self.root / POLICY).read_text())
+            mode = raw["mode"]
+            if mode not in POLICY_MODES:
+                raise ValueError(f"unknown mode {mode!r}")
+            version = raw.get("version") if mode == PINNED else None
+            return {"mode": mode, "version": version, "changed_at": raw.get("changed_at"),
+                    "by": raw.get("by")}
+        except FileNotFoundError:
+            return {"mode": AUTOMATIC, "version": None, "changed_at": None, "by": None}
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("models/%s is unreadable (%s); treating it as pinned to CURRENT until "
+                        "the policy is set again", POLICY, exc)
+            return {"mode": PINNED, "version": self.current(), "changed_at": None, "by": None}
 
     def manifest(self, version: str) -> dict[str, Any]:
         path = self.version_dir(version) / MANIFEST
@@ -194,22 +293,37 @@ class Registry:
 
     def publish(self, version: str, staging: Path, state_dict: dict[str, torch.Tensor],
                 manifest: dict[str, Any], data: dict[str, Any] | None = None) -> Path:
-        """Write weights + manifest (+ data list) into `staging`, fsync, rename to models/<v>."""
+        """Write weights + manifest (+ data list) into `staging`, fsync, rename to models/<v>
+        (the rename under the lock)."""
+        manifest = self._stage(version, staging, state_dict, manifest, data)
+        with self.lock:
+            return self._commit(version, staging, manifest)
+
+    def _stage(self, version: str, staging: Path, state_dict: dict[str, torch.Tensor],
+               manifest: dict[str, Any], data: dict[str, Any] | None) -> dict[str, Any]:
+        """Weights (+ data list) into `staging`, fsynced. -> the manifest with the version,
+        format and checksums of the files a loader trusts (so a flipped bit is refused, not
+        served)."""
         from safetensors.torch import save_file
 
         contiguous = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(contiguous, str(staging / WEIGHTS))
         if data is not None:
             (staging / DATA).write_text(json.dumps(data))
-        # Checksums of the files a loader trusts, so a flipped bit is refused, not served.
         checksums = {name: file_sha256(staging / name) for name in (WEIGHTS, ONNX_FILE)
                      if (staging / name).exists()}
-        manifest = {**manifest, "version": version, "format_version": FORMAT_VERSION,
-                    "checksums": checksums}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        return {**manifest, "version": version, "format_version": FORMAT_VERSION,
+                "checksums": checksums}
+
+    def _commit(self, version: str, staging: Path, manifest: dict[str, Any]) -> Path:
+        """Hold the lock. The manifest into `staging` (fsynced), then the rename into place."""
+        path = staging / MANIFEST
+        path.write_text(json.dumps(manifest, indent=2, default=str))
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
         fsync_dir(staging)
         final = self.root / version
         os.rename(staging, final)
@@ -218,9 +332,116 @@ class Registry:
         return final
 
     def set_current(self, version: str) -> None:
-        self.version_dir(version)  # must exist and be complete
-        write_file_atomic(self.current_path, (version + "\n").encode())
+        """Point CURRENT at `version` (which must exist and be complete), under the lock. The
+        policy is left as it is: `activate` is the user-facing change."""
+        with self.lock:
+            self.version_dir(version)
+            self._write_current(version)
+
+    def _write_current(self, version: str | None) -> None:
+        """Hold the lock. None removes CURRENT (no version served)."""
+        if version is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.current_path.unlink()
+            fsync_dir(self.root)
+        else:
+            write_file_atomic(self.current_path, (version + "\n").encode())
         log.info("CURRENT -> %s", version)
+
+    def _write_policy(self, mode: str, version: str | None, by: str) -> dict[str, Any]:
+        """Hold the lock. -> the policy written."""
+        policy = {"mode": mode, "version": version if mode == PINNED else None,
+                  "changed_at": time.time(), "by": by}
+        write_file_atomic(self.root / POLICY, json.dumps(policy).encode())
+        log.info("promotion policy -> %s%s (by %s)", mode,
+                 f" to {version}" if mode == PINNED else "", by)
+        return policy
+
+    def set_policy(self, mode: str, by: str) -> dict[str, Any]:
+        """`automatic`: jobs that pass the gate become CURRENT. `pinned`: pin the current
+        version; jobs publish but never promote until the policy is automatic again.
+        -> the policy. Raises InvalidPolicy for another mode, NoCurrentVersion when pinning
+        with no CURRENT."""
+        if mode not in POLICY_MODES:
+            raise InvalidPolicy(f"unknown policy mode {str(mode)[:64]!r}; expected one of "
+                                f"{list(POLICY_MODES)}")
+        with self.lock:
+            current = self.current()
+            if mode == PINNED and current is None:
+                raise NoCurrentVersion("no version is current, so there is none to pin; "
+                                       "activate one first")
+            return self._write_policy(mode, current, by)
+
+    def activate(self, version: str, pin: bool = True, by: str = "api") -> Activation:
+        """Serve `version`: under the lock, check it (VersionNotFound 404 for a version that
+        is not there, InvalidVersion 409 for one whose weights file is gone), point CURRENT at
+        it and set the policy: pinned to it (`pin`), or automatic. -> what changed, for
+        `undo_activation`. The replicas pick CURRENT up by themselves; the API's activate
+        also has every replica load it and undoes the activation if one cannot."""
+        with self.lock:
+            self.weights_file(version)
+            previous, previous_policy = self.current(), self.policy()
+            self._write_current(version)
+            policy = self._write_policy(PINNED if pin else AUTOMATIC, version, by)
+        log.info("activated %s (was %s; %s)", version, previous,
+                 f"pinned by {by}" if pin else f"policy automatic, by {by}")
+        return Activation(version, previous, previous_policy, policy)
+
+    def undo_activation(self, activation: Activation) -> bool:
+        """Put CURRENT (and the policy, if nobody changed it since) back as they were before
+        `activation`, unless CURRENT has changed since (another activate or a promotion:
+        that later choice stands). -> whether CURRENT went back."""
+        with self.lock:
+            if self.current() != activation.version:
+                return False
+            previous = activation.previous
+            if previous is not None and not (self.root / previous / MANIFEST).exists():
+                previous = None
+            self._write_current(previous)
+            if self.policy() == activation.policy:
+                old = activation.previous_policy
+                if old["changed_at"] is None and old["mode"] == AUTOMATIC:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / POLICY).unlink()
+                else:
+                    write_file_atomic(self.root / POLICY, json.dumps(old).encode())
+        log.info("activation of %s undone: CURRENT -> %s", activation.version, previous)
+        return True
+
+    def publish_candidate(self, version: str, staging: Path,
+                          state_dict: dict[str, torch.Tensor], manifest: dict[str, Any],
+                          data: dict[str, Any] | None, judged_current: str | None
+                          ) -> dict[str, Any]:
+        """Publish a job's candidate and promote it, or not, in one critical section.
+
+        `manifest["promotion"]` is the gate's record: `promoted` its verdict, `reason` why;
+        `judged_current` the CURRENT the gate compared against. It is promoted only if the
+        gate passed, the policy is automatic and CURRENT is still `judged_current` (a person's
+        activate while the job was judging stands: the candidate was not compared with what
+        is served now). -> the promotion record as published in the manifest: `promoted` the
+        final word, `gate_passed` the gate's, `policy` the policy at the decision, and
+        `reason` followed by why a candidate that passed was not promoted."""
+        record = dict(manifest["promotion"])
+        passed = bool(record["promoted"])
+        staged = self._stage(version, staging, state_dict, manifest, data)
+        with self.lock:
+            policy, current = self.policy(), self.current()
+            held_back = None
+            if passed and policy["mode"] == PINNED:
+                held_back = f"not promoted: {pinned_note(policy)}"
+            elif passed and current != judged_current:
+                held_back = (f"not promoted: CURRENT changed from {judged_current} to "
+                             f"{current} while this job was judged (an activate or another "
+                             f"promotion); that choice stays. POST /v1/models/{version}/activate "
+                             "serves this version")
+            record.update(promoted=passed and held_back is None, gate_passed=passed,
+                          policy=policy)
+            if held_back:
+                record["reason"] = f"{record['reason']}; {held_back}"
+            self._commit(version, staging, {**staged, "promotion": record})
+            if record["promoted"]:
+                self._write_current(version)
+        return record
 
     def update_manifest(self, version: str, /, **fields: Any) -> None:
         path = self.version_dir(version) / MANIFEST
@@ -229,20 +450,29 @@ class Registry:
         write_file_atomic(path, json.dumps(manifest, indent=2, default=str).encode())
 
     def prune(self, keep: int) -> list[str]:
-        """Remove versions beyond the newest `keep`, never CURRENT, its parent or v0."""
-        versions = self.versions()
-        current = self.current()
-        protected = {"v0", current}
-        if current:
-            with contextlib.suppress(VersionNotFound, InvalidVersion):
-                protected.add(self.manifest(current).get("parent"))
+        """Remove versions beyond the newest `keep`, never CURRENT, the pinned version, their
+        parents or v0, under the lock (so CURRENT and the pin cannot change meanwhile). A
+        version is first renamed to `.v<N>.removed` (atomic: readers see it whole or not at
+        all), then deleted."""
         removed = []
-        for v in versions[:-keep] if keep > 0 else versions:
-            if v in protected:
-                continue
-            shutil.rmtree(self.root / v)
-            removed.append(v)
-            log.info("retention: removed model version %s (keeping %d newest)", v, keep)
+        with self.lock:
+            for leftover in self.root.glob(".v*.removed"):  # a prune killed mid-delete
+                shutil.rmtree(leftover, ignore_errors=True)
+            versions = self.versions()
+            kept = {"v0", self.current(), self.policy()["version"]}
+            protected = set(kept)
+            for v in kept - {None}:
+                with contextlib.suppress(VersionNotFound, InvalidVersion):
+                    protected.add(self.manifest(v).get("parent"))
+            for v in versions[:-keep] if keep > 0 else versions:
+                if v in protected:
+                    continue
+                doomed = self.root / f".{v}.removed"
+                os.rename(self.root / v, doomed)
+                fsync_dir(self.root)
+                shutil.rmtree(doomed)
+                removed.append(v)
+                log.info("retention: removed model version %s (keeping %d newest)", v, keep)
         return removed
 
     def remove_stale_partials(self, older_than_s: float = 3600) -> list[str]:
@@ -300,6 +530,7 @@ class Registry:
             "parent": None, "created_at": time.time(), "software": software_versions(),
         }
         self.publish(version, staging, model.state_dict(), manifest)
-        if self.current() is None:
-            self.set_current(version)
+        with self.lock:
+            if self.current() is None:
+                self._write_current(version)
         return version

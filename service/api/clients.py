@@ -21,8 +21,11 @@ from training.errors import DomainError
 
 
 class ClassifierClient(Protocol):
-    async def predict(self, data: bytes, top_k: int) -> Prediction:
-        """One image -> its Prediction; raises ImageError (refused image) or ModelNotLoaded."""
+    async def predict(self, data: bytes, top_k: int, version: str | None = None
+                      ) -> Prediction:
+        """One image -> its Prediction by the served model, or by `version` (loaded by this
+        replica: `Classifier.model_for`); raises ImageError (refused image), ModelNotLoaded,
+        VersionNotFound or InvalidVersion."""
 
     async def statuses(self) -> list[dict[str, Any]]:
         """Every replica's `Classifier.status()`."""
@@ -42,6 +45,10 @@ class ControllerClient(Protocol):
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """-> the job's record; raises JobNotFound."""
 
+    async def resume(self, job_id: str, source: str) -> dict[str, Any]:
+        """-> the resumed job's record (`queued`); raises JobNotFound, JobRunning,
+        JobNotResumable, InsufficientResources."""
+
 
 def first_result(results: list[Prediction | DomainError]) -> Prediction:
     """The one answer of a single-image call: the Prediction, or its refusal raised."""
@@ -58,10 +65,15 @@ class InProcessClassifier:
         self.classifier, self.metrics = classifier, metrics
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
-    async def predict(self, data: bytes, top_k: int) -> Prediction:
+    async def predict(self, data: bytes, top_k: int, version: str | None = None
+                      ) -> Prediction:
+        """A named version is loaded (if it is not already) in a thread of its own, so the
+        inference thread never waits for a load."""
+        if version is not None:
+            await asyncio.to_thread(self.classifier.model_for, version)
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._inference, self.classifier.predict_bytes,
-                                             [(data, top_k)])
+        results = await loop.run_in_executor(self._inference, self.classifier.predict_requests,
+                                             [(data, top_k, version)])
         return first_result(list(results))
 
     async def statuses(self) -> list[dict[str, Any]]:
@@ -86,3 +98,6 @@ class InProcessController:
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.controller.cancel, job_id)
+
+    async def resume(self, job_id: str, source: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.controller.resume, job_id, source)

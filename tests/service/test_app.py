@@ -93,7 +93,8 @@ def test_full_loop(svc: RunningService) -> None:
         models = c.get("/v1/models").json()
         assert models["current"] == "v1"
         v1 = models["versions"][-1]
-        assert v1["classes"] == ["blue", "red"] and v1["val_accuracy"] is not None
+        assert v1["class_count"] == 2 and v1["val_accuracy"] is not None
+        assert c.get("/v1/models/v1").json()["classes"] == ["blue", "red"]
         assert c.get("/v1/models/v1/plots/curves.png").headers["content-type"] == "image/png"
         assert c.get("/v1/dataset").json()["new_since_last_job"] == 0
 
@@ -102,11 +103,14 @@ def test_activate_rolls_back_on_every_replica(svc: RunningService) -> None:
     with svc.client() as c:
         r = c.post("/v1/models/v0/activate")
         assert r.status_code == 200, r.text
-        assert r.json() == {"current": "v0", "replicas": ["v0", "v0"]}
+        body = r.json()
+        assert (body["current"], body["replicas"]) == ("v0", ["v0", "v0"])
+        assert body["policy"]["mode"] == "pinned" and body["policy"]["version"] == "v0"
         versions = {c.post("/v1/predict", files=[("files", ("x.png", noisy_image(i, RED)))]
                            ).json()["model_version"] for i in range(12)}
         assert versions == {"v0"}
-        assert c.post("/v1/models/v1/activate").json()["replicas"] == ["v1", "v1"]
+        back = c.post("/v1/models/v1/activate", params={"pin": "false"}).json()
+        assert back["replicas"] == ["v1", "v1"] and back["policy"]["mode"] == "automatic"
         assert c.get("/v1/models").json()["current"] == "v1"
 
 

@@ -1,8 +1,10 @@
-"""The plain Classifier (no Ray): predictions, every image mode, the checked hot swap, and a
-broken version that keeps the old one serving."""
+"""The plain Classifier (no Ray): predictions, every image mode, the checked hot swap, a
+broken version that keeps the old one serving, and predictions by a named version (its 404 and
+409, the bounded cache of other versions, one forward pass per version in a batch)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -13,23 +15,11 @@ from PIL import Image
 from service.classifier import Classifier, ModelNotLoaded, Prediction
 from tests.support.images import IMAGE_MODES, encode, image_bytes
 from tests.support.service import BACKBONE
+from tests.support.versions import publish_broken_copy
+from tests.support.versions import publish_version as publish
 from tests.support.waiting import wait_for
 from training.imageio import ImageError
-from training.model import build_model
-from training.presets import EvalPreset
-from training.registry import Registry
-
-
-def publish(registry: Registry, classes: list[str], crop: int = 64) -> str:
-    """A small trained-looking version (random head) with `classes`, as training would."""
-    model = build_model(BACKBONE, num_classes=len(classes), pretrained=False)
-    version, staging = registry.allocate()
-    manifest = {"backbone": BACKBONE, "classes": classes,
-                "preprocessing": EvalPreset.for_size(crop).to_dict(), "parent": registry.current(),
-                "created_at": time.time(), "metrics": None,
-                "promotion": {"promoted": True, "reason": "test"}}
-    registry.publish(version, staging, model.state_dict(), manifest)
-    return version
+from training.registry import InvalidVersion, Registry, VersionNotFound
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +156,83 @@ def test_concurrent_predictions_during_swaps(tmp_path: Path) -> None:
     for started, ended in swaps:
         assert any(a_start < ended and a_end > started for a_start, a_end, _ in answers), \
             "no prediction ran during a swap"
+
+
+@pytest.fixture
+def volume(home: Path, tmp_path: Path) -> Path:
+    """A volume of its own with the module's v0 (copied: publishing v0 measures engines)."""
+    shutil.copytree(home / "models", tmp_path / "models")
+    return tmp_path
+
+
+def test_named_versions_answer_from_a_bounded_cache(volume: Path) -> None:
+    """v1..v3 published beside the served v0: each answers for itself when named, at most two
+    stay loaded (least recently used out), the served model never changes, and a swap to a
+    cached version takes the cached model."""
+    registry = Registry(volume)
+    v1, v2, v3 = (publish(registry, classes) for classes in (["a", "b"], ["c", "d"], ["e", "f"]))
+    clf = Classifier(volume, threads=1)
+    clf.sync()
+    img = [Image.new("RGB", (64, 64), (10, 200, 10))]
+    [p] = clf.predict(img, top_k=2, version=v1)
+    assert p.version == v1 and {label for label, _ in p.top_k} == {"a", "b"}
+    first = clf.model_for(v1)
+    assert clf.model_for(v1) is first  # not loaded again
+    assert clf.predict(img, version="v0")[0].version == "v0"  # the served one, by its name
+    assert clf.predict(img, version=v2)[0].version == v2
+    assert clf.status()["other_versions"] == [v1, v2]
+    clf.model_for(v1)  # used: v2 is now the least recently used
+    assert clf.predict(img, version=v3)[0].version == v3
+    assert clf.status()["other_versions"] == [v1, v3]
+    assert clf.version == "v0" and clf.predict(img)[0].version == "v0"
+    cached = clf.model_for(v3)
+    registry.set_current(v3)
+    assert clf.sync() == v3 and clf.loaded is cached  # checked when loaded: no second load
+    assert clf.status()["other_versions"] == [v1]
+
+
+def test_named_versions_that_cannot_answer(volume: Path) -> None:
+    """A malformed name or a version not on the volume: VersionNotFound (404); a version whose
+    weights fail their checksum: InvalidVersion (409), asked again as often as it is named;
+    a version removed from the volume is 404 even while cached. The served model answers
+    throughout."""
+    registry = Registry(volume)
+    clf = Classifier(volume, threads=1)
+    clf.sync()
+    img = [Image.new("RGB", (64, 64))]
+    for name in ("v9", "bogus", "v" + "9" * 400, "../v0", ""):
+        with pytest.raises(VersionNotFound) as err:
+            clf.predict(img, version=name)
+        assert err.value.status == 404 and len(str(err.value)) < 200
+    broken = publish_broken_copy(registry)
+    for _ in range(2):
+        with pytest.raises(InvalidVersion, match="checksum") as bad:
+            clf.predict(img, version=broken)
+        assert bad.value.status == 409
+    v2 = publish(registry, ["x", "y"])
+    assert clf.predict(img, version=v2)[0].version == v2
+    registry.prune(keep=0)  # removes the broken copy and v2 (neither current nor pinned)
+    with pytest.raises(VersionNotFound):
+        clf.predict(img, version=v2)
+    assert clf.predict(img)[0].version == "v0" and clf.reload_failures == 0
+
+
+def test_a_batch_runs_one_forward_pass_per_version(volume: Path) -> None:
+    """`predict_requests` (what `@serve.batch` hands over): the served model's requests and
+    v1's are answered each by its own version, in one pass each; a refused image and an unknown
+    version fail only themselves."""
+    registry = Registry(volume)
+    v1 = publish(registry, ["blue", "red"])
+    clf = Classifier(volume, threads=1)
+    clf.sync()
+    good = image_bytes()
+    results = clf.predict_requests([(good, 1, None), (good, 2, v1), (b"GIF89a....", 1, None),
+                                    (good, 3, None), (good, 1, "v7"), (good, 1, v1)])
+    assert [type(r).__name__ for r in results] == [
+        "Prediction", "Prediction", "NotAnImage", "Prediction", "VersionNotFound",
+        "Prediction"]
+    served = [r for r in results if isinstance(r, Prediction) and r.version == "v0"]
+    named = [r for r in results if isinstance(r, Prediction) and r.version == v1]
+    assert [len(r.top_k) for r in served] == [1, 3] and {r.batch_size for r in served} == {2}
+    assert len(named) == 2 and {r.batch_size for r in named} == {2}
+    assert {label for r in named for label, _ in r.top_k} <= {"blue", "red"}

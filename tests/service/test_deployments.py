@@ -14,6 +14,8 @@ import pytest
 from tests.support.http import assert_error
 from tests.support.images import image_bytes, noisy_image
 from tests.support.service import RunningService, start_service
+from tests.support.versions import publish_version
+from training.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -57,3 +59,25 @@ def test_readiness_and_metrics_broadcast(svc: RunningService) -> None:
     assert 'visionloop_model_info{version="v0"} 1.0' in text
     assert "visionloop_inference_batch_size_count" in text
     assert "visionloop_model_reload_failures 0.0" in text
+
+
+def test_predict_a_named_version_through_serve(svc: RunningService) -> None:
+    """`?version=v1` through the Serve proxy: the API replica loads v1 itself (one hop: no
+    deployment but the ingress holds a model) and answers with it, through the same batching
+    path; the served model and CURRENT stay v0; an unknown version is 404 with its code."""
+    v1 = publish_version(Registry(svc.home), ["blue", "red"])
+    image = noisy_image(4, (20, 200, 20))
+    with svc.client(token=None) as c:
+        r = c.post("/v1/predict", params={"version": v1},
+                   files=[("files", ("a.png", image)), ("files", ("b.png", image))])
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == v1 and r.headers["x-model-version"] == v1
+        assert all({t["label"] for t in p["top_k"]} == {"blue", "red"}
+                   for p in body["predictions"])
+        assert c.post("/v1/predict", files=[("files", ("a.png", image))]
+                      ).json()["model_version"] == "v0"
+        assert_error(c.post("/v1/predict", params={"version": "v99"},
+                            files=[("files", ("a.png", image))]), 404, "version_not_found")
+        assert c.get("/readyz").json()["model_versions"] == ["v0"]
+    assert Registry(svc.home).current() == "v0"

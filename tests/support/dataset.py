@@ -1,5 +1,6 @@
-"""The dataset store checked on disk (`<home>/dataset/<label>/<sha256>.<ext>` and
-`ledger.jsonl`), without going through `training.dataset`."""
+"""The dataset store checked on disk (`<home>/dataset/<folder>/<sha256>.<ext>`, the folder's
+`.label` for a display name that is not its own folder name, and `ledger.jsonl`), without going
+through `training.dataset`."""
 
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ def check_dataset_integrity(home: Path) -> dict[str, str]:
     the set of files. -> sha256 -> label."""
     stored: dict[str, str] = {}
     for rel, path in dataset_images(home).items():
-        label, name = rel.split("/", 1)
+        folder, name = rel.split("/", 1)
+        # A display name that is not a plain folder name lives in `<slug>~<hash>/` with the
+        # name in its `.label` file (training.dataset.label_folder).
+        label = ((home / "dataset" / folder / ".label").read_text(encoding="utf-8")
+                 if "~" in folder else folder)
         sha = name.split(".", 1)[0]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == sha, f"{rel}: bytes differ"
         assert sha not in stored, f"{sha} stored twice ({stored[sha]} and {label})"

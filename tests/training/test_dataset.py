@@ -36,21 +36,25 @@ def test_ingest_is_idempotent_and_relabels(tmp_path: Path) -> None:
     moved = store.ingest(data, "dog")
     assert moved.status == "relabelled"
     assert store.counts() == {"dog": 1}
-    assert not list((tmp_path / "dataset" / "cat").iterdir())
+    assert not (tmp_path / "dataset" / "cat").exists()  # a label's folder goes with its last image
     assert store.new_since(0) == 1
     assert store.delete(first.sha256)
     assert store.counts() == {}
     assert store.new_since(0) == 0
 
 
-@pytest.mark.parametrize("label", ["", "../etc", "a/b", ".hidden", "x" * 65, "sp ace", "..",
-                                   "naïve", "a\\b"])
+@pytest.mark.parametrize("label", ["", "../etc", "a/b", ".hidden", "x" * 65, " lead", "trail ",
+                                   "two  spaces", ".", "..", "a\\b", "tab\there", "new\nline",
+                                   "nul\x00", "zero\u200bwidth", "rtl\u202eoverride", "50%",
+                                   "a:b", "who?", "~tilde", "()", "--", "C:\\x"])
 def test_unsafe_labels_are_refused_and_nothing_written(tmp_path: Path, label: str) -> None:
     store = DatasetStore(tmp_path)
-    with pytest.raises(InvalidLabel, match="invalid label"):
+    with pytest.raises(InvalidLabel, match="invalid label") as refused:
         store.ingest(encode(noisy_picture((0, 0, 0), 1)), label)
+    assert "Label rules: 1-64 characters" in str(refused.value)  # the error lists the rules
     assert store.items() == []
     assert not store.ledger_path.exists()
+    assert [p.name for p in store.root.iterdir() if p.name != ".lock"] == []
 
 
 def test_non_images_and_bombs_are_refused(tmp_path: Path) -> None:

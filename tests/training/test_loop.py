@@ -14,9 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
+import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.support.images import labelled_set
+from tests.support.waiting import wait_for
 from training.config import TrainConfig
 from training.distributed import ShardSampler, TorchSession, reduce_across_processes
 from training.engine import Precision, choose_precision, evaluate, train_one_epoch
@@ -360,3 +364,72 @@ def test_gpu_benchmark_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert {row["section"] for row in result["table"]} == {"training", "classifier"}
     assert set(result["curves"]) == {"product", "tutorial"}
     assert not any(m.startswith("ray") for m in json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_a_resume_with_every_epoch_done_reads_as_done_at_once(tmp_path: Path) -> None:
+    """A job stopped after its last checkpoint but before it was published (the process died
+    in between) is resumed with no epoch left: no step runs, and the progress file says at once
+    where it stands (epoch 2/2, resumed from 2, the metrics of both epochs) instead of 0/2."""
+    loop = _loop(tmp_path, _write_images(tmp_path / "images", per_label=4), epochs=2)
+    run_worker(loop, TorchSession(tmp_path / "run", CPU))
+    first = json.loads(loop.progress_path.read_text())
+    run_worker(loop, TorchSession(tmp_path / "run", CPU))
+    again = json.loads(loop.progress_path.read_text())
+    assert (again["epoch"], again["epochs"], again["fraction"]) == (2, 2, 1.0)
+    assert again["resumed_from_epoch"] == 2 and again["metrics"] == first["metrics"]
+    assert [a["resumed_from_epoch"] for a in again["attempts"]] == [None, 2]
+    assert len(TorchSession(tmp_path / "run", CPU).checkpoints()) == 2  # nothing trained
+
+
+KILLED_LOOP = NO_RAY + textwrap.dedent("""
+    import pickle
+    from pathlib import Path
+
+    import torch
+
+    from training.distributed import TorchSession
+    from training.loop import run_worker
+
+    loop = pickle.loads(Path(sys.argv[1]).read_bytes())
+    run_worker(loop, TorchSession(Path(sys.argv[2]), torch.device("cpu")))
+""")
+
+
+@pytest.mark.slow  # spawns a process that imports torch
+def test_a_loop_killed_mid_job_resumes_from_its_last_checkpoint_without_ray(
+        tmp_path: Path) -> None:
+    """The loop under `TorchSession` in a process of its own (Ray unimportable), SIGKILLed once
+    two checkpoints are written; run again on the same folder, it starts from the last complete
+    checkpoint and keeps the metrics of the epochs before it."""
+    epochs = 12
+    loop = _loop(tmp_path, _write_images(tmp_path / "images", per_label=8), epochs=epochs)
+    (tmp_path / "loop.pickle").write_bytes(pickle.dumps(loop))
+    root = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_LOOP, str(tmp_path / "loop.pickle"),
+                             str(root)], cwd=ROOT)
+    try:
+        def two_checkpoints() -> bool:
+            assert proc.poll() is None, "the loop ended before it could be killed"
+            return len(TorchSession(root, CPU).checkpoints()) >= 2
+
+        wait_for(two_checkpoints, timeout=300, interval=0.01, what="two checkpoints")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    session = TorchSession(root, CPU)
+    last = session.checkpoints()[-1]
+    state = torch.load(last / CHECKPOINT_FILE, weights_only=True)
+    done = int(state["epoch"])
+    assert 2 <= done < epochs and len(session.checkpoints()) == done
+
+    run_worker(loop, session)
+    progress = json.loads(loop.progress_path.read_text())
+    assert progress["resumed_from_epoch"] == done
+    assert [m["epoch"] for m in progress["metrics"]] == list(range(1, epochs + 1))
+    assert progress["metrics"][:done] == state["history"]  # the epochs before, as they were
+    assert progress["fraction"] == 1.0
+    assert [a["resumed_from_epoch"] for a in progress["attempts"]] == [None, done]
+    assert len(session.checkpoints()) == epochs

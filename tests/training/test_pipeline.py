@@ -61,7 +61,7 @@ def _fill(home: Path, per_label: int = 16, labels: tuple[str, ...] = ("red", "bl
 def _cfg(**kw: object) -> TrainConfig:
     base = {"backbone": "efficientnet_lite0", "epochs": 2, "workers": 2, "batch_size": 8,
             "image_size": 64, "lr": 0.05, "threads": 1}
-    return TrainConfig(**{**base, **kw})  # type: ignore[arg-type]
+    return TrainConfig(**{**base, **kw})
 
 
 def _in_split(colour: str, split: str, n: int, seed: int = 0) -> list[bytes]:

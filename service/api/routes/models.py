@@ -1,33 +1,50 @@
-"""Model versions: list, manifest, plots, weights, and activate (rollback or pin)."""
+"""Model versions: list, manifest, plots, weights, activate (rollback or pin), and the
+promotion policy.
+
+Every change of CURRENT and of the policy goes through the registry, under its cross-process
+lock (`training.registry`): activate, `PUT /v1/models/policy`, a job's promotion and retention
+never undo one another.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import stat
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from service import schemas
 from service.api.deps import ApiToken, ClassifierDep, RegistryDep
 from service.api.errors import ModelLoadFailed, NotFound
-from training.registry import WEIGHTS, InvalidVersion, Registry, VersionNotFound
+from training.errors import DomainError
+from training.registry import InvalidVersion, Registry, VersionNotFound
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["models"], dependencies=[ApiToken])
 
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": schemas.ErrorPublic},
+                                            409: {"model": schemas.ErrorPublic}}
+
+
+class ActivationSuperseded(DomainError):
+    """Another activate (or a job's promotion) changed CURRENT while this one was loading."""
+
+    code = "activation_superseded"
+    status = 409
+
 
 def version_public(registry: Registry, version: str) -> schemas.VersionPublic:
+    """The list view of one version: counts and headline figures, not the class list (v0
+    alone has 1000 classes); `GET /v1/models/{version}` has the whole manifest."""
     m = registry.manifest(version)
     metrics = m.get("metrics") or {}
     return schemas.VersionPublic(
         version=version, created_at=m.get("created_at"), backbone=m.get("backbone"),
-        classes=list(m.get("classes") or []), val_accuracy=metrics.get("best_val_accuracy"),
+        class_count=len(m.get("classes") or []), val_accuracy=metrics.get("best_val_accuracy"),
+        test_accuracy=(metrics.get("test") or {}).get("accuracy"),
         promoted=(m.get("promotion") or {}).get("promoted"))
 
 
@@ -40,8 +57,25 @@ async def models(registry: RegistryDep) -> schemas.ModelsPublic:
                 versions.append(version_public(registry, v))
             except (VersionNotFound, InvalidVersion):
                 continue  # removed by retention meanwhile, or unreadable
-        return schemas.ModelsPublic(current=registry.current(), versions=versions)
+        return schemas.ModelsPublic(current=registry.current(),
+                                    policy=schemas.PolicyPublic(**registry.policy()),
+                                    versions=versions)
     return await asyncio.to_thread(read)
+
+
+@router.get("/v1/models/policy", response_model=schemas.PolicyPublic)
+async def policy(registry: RegistryDep) -> schemas.PolicyPublic:
+    return schemas.PolicyPublic(**await asyncio.to_thread(registry.policy))
+
+
+@router.put("/v1/models/policy", response_model=schemas.PolicyPublic, responses=_ERRORS)
+async def set_policy(body: schemas.PolicyRequest, registry: RegistryDep
+                     ) -> schemas.PolicyPublic:
+    """`{"mode": "automatic"}`: a job that passes the gate becomes CURRENT. `{"mode":
+    "pinned"}`: pin the current version; jobs publish but never promote until the mode is
+    automatic again. (To pin another version, activate it: activate pins by default.)"""
+    return schemas.PolicyPublic(**await asyncio.to_thread(registry.set_policy, body.mode,
+                                                          "api"))
 
 
 @router.get("/v1/models/{version}")
@@ -60,47 +94,42 @@ async def model_plot(version: str, name: str, registry: RegistryDep) -> FileResp
     return FileResponse(folder / f"{name}.png", media_type="image/png")
 
 
-def weights_file(registry: Registry, version: str) -> tuple[Path, os.stat_result]:
-    """The weights file of `version` and its stat, taken once here so that the response does
-    not look again. Raises VersionNotFound (404) for a version that is not there, and
-    InvalidVersion (409, naming the version) for one whose weights file is gone or is not a
-    file: the version exists but cannot be downloaded (nor served)."""
-    path = registry.version_dir(version) / WEIGHTS
-    try:
-        info = path.stat()
-    except OSError:
-        info = None
-    if info is None or not stat.S_ISREG(info.st_mode):
-        raise InvalidVersion(f"{version} is broken: its weights file {WEIGHTS} is missing from "
-                             "the volume; activate or train another version")
-    return path, info
-
-
-@router.get("/v1/models/{version}/weights", response_class=FileResponse,
-            responses={404: {"model": schemas.ErrorPublic}, 409: {"model": schemas.ErrorPublic}})
+@router.get("/v1/models/{version}/weights", response_class=FileResponse, responses=_ERRORS)
 async def model_weights(version: str, registry: RegistryDep) -> FileResponse:
-    path, info = await asyncio.to_thread(weights_file, registry, version)
+    path, info = await asyncio.to_thread(registry.weights_file, version)
     return FileResponse(path, media_type="application/octet-stream", stat_result=info,
                         filename=f"visionloop-{version}.safetensors")
 
 
-@router.post("/v1/models/{version}/activate", response_model=schemas.ActivatePublic)
-async def activate(version: str, registry: RegistryDep, classifier: ClassifierDep
+@router.post("/v1/models/{version}/activate", response_model=schemas.ActivatePublic,
+             responses=_ERRORS)
+async def activate(version: str, registry: RegistryDep, classifier: ClassifierDep,
+                   pin: bool = Query(True, description="pin it (jobs publish but do not "
+                                     "promote until the policy is automatic again); false: "
+                                     "the policy becomes automatic")
                    ) -> schemas.ActivatePublic:
-    """Point CURRENT at `version` and have every replica load it before answering. If a
-    replica cannot load it, CURRENT goes back to what it was and the answer is 500. A version
-    whose weights file is gone is refused first (409), CURRENT untouched."""
-    await asyncio.to_thread(weights_file, registry, version)
-    previous = registry.current()
-    await asyncio.to_thread(registry.set_current, version)
+    """Point CURRENT at `version` (and pin it, unless `pin=false`) under the registry lock,
+    then have every replica load it before answering. A version that is not there is 404 and
+    one whose weights file is gone 409, CURRENT untouched. If a replica cannot load it,
+    CURRENT and the policy go back to what they were (unless something changed CURRENT
+    meanwhile) and the answer is 500. If another activate or a job's promotion changed
+    CURRENT while the replicas were loading, that later change stands: 409
+    `activation_superseded`, naming what is current."""
+    activation = await asyncio.to_thread(registry.activate, version, pin, "api")
     statuses = await classifier.reload_all()
     served = [s.get("version") for s in statuses]
-    if any(v != version for v in served):
-        errors = [s.get("last_error") for s in statuses if s.get("version") != version]
-        if previous is not None:
-            await asyncio.to_thread(registry.set_current, previous)
-            await classifier.reload_all()
-        raise ModelLoadFailed(f"{version} could not be loaded by every replica ({errors}); "
-                              f"CURRENT stays {previous}")
-    log.info("activated %s (was %s)", version, previous)
-    return schemas.ActivatePublic(current=version, replicas=served)
+    if all(v == version for v in served):
+        log.info("activated %s (was %s)", version, activation.previous)
+        return schemas.ActivatePublic(current=version, replicas=served,
+                                      policy=schemas.PolicyPublic(**activation.policy))
+    now = await asyncio.to_thread(registry.current)
+    if now != version:
+        raise ActivationSuperseded(f"CURRENT changed to {now} while {version} was loading "
+                                   "(another activate or a job's promotion); that change "
+                                   "stands")
+    errors = [s.get("last_error") for s in statuses if s.get("version") != version]
+    undone = await asyncio.to_thread(registry.undo_activation, activation)
+    await classifier.reload_all()
+    stays = activation.previous if undone else await asyncio.to_thread(registry.current)
+    raise ModelLoadFailed(f"{version} could not be loaded by every replica ({errors}); "
+                          f"CURRENT stays {stays}")

@@ -1,4 +1,6 @@
-"""POST /v1/predict: classify one or many images with this replica's classifier."""
+"""POST /v1/predict: classify one or many images with this replica's classifier: the served
+model, or the version named by `?version=` (loaded by this replica; see
+`service.classifier.Classifier.model_for`)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from service.api.uploads import PredictFiles
 from service.classifier import ModelNotLoaded, Prediction
 from service.predictions import new_prediction_id
 from training.errors import DomainError
+from training.registry import InvalidVersion, VersionNotFound
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +29,26 @@ _BODY = {"requestBody": {"content": {
 
 
 @router.post("/v1/predict", response_model=schemas.PredictPublic, dependencies=[PredictToken],
-             responses={413: {"model": schemas.ErrorPublic}, 415: {"model": schemas.ErrorPublic},
+             responses={404: {"model": schemas.ErrorPublic}, 409: {"model": schemas.ErrorPublic},
+                        413: {"model": schemas.ErrorPublic}, 415: {"model": schemas.ErrorPublic},
                         503: {"model": schemas.ErrorPublic}},
              openapi_extra=_BODY)
 async def predict(files: PredictFiles, response: Response, classifier: ClassifierDep,
                   predictions: PredictionsDep, metrics: MetricsDep,
-                  top_k: int = Query(5, ge=1, le=1000)) -> schemas.PredictPublic:
-    results = await asyncio.gather(*(classifier.predict(data, top_k) for _, data in files),
-                                   return_exceptions=True)
+                  top_k: int = Query(5, ge=1, le=1000),
+                  version: str | None = Query(
+                      None, description="answer with this version (v0, v1, ...) instead of the "
+                      "served one: 404 version_not_found for a version that is not there, 409 "
+                      "invalid_version for one that cannot be loaded")
+                  ) -> schemas.PredictPublic:
+    """The answer's `model_version` (and `X-Model-Version`) names the version that computed
+    every prediction of it."""
+    results = await asyncio.gather(*(classifier.predict(data, top_k, version)
+                                     for _, data in files), return_exceptions=True)
     answers: list[Prediction] = []
     for (name, _), result in zip(files, results, strict=True):
-        if isinstance(result, ModelNotLoaded):
-            raise result
+        if isinstance(result, ModelNotLoaded | VersionNotFound | InvalidVersion):
+            raise result  # about the model, not this image
         if isinstance(result, DomainError):  # this image refused: say which one
             raise DomainError(f"{name}: {result.message}" if name else result.message,
                               code=result.code, status=result.status, headers=result.headers)

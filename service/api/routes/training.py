@@ -1,4 +1,13 @@
-"""Training jobs: start (the controller), progress and history (the volume), cancel.
+"""Training jobs: start and resume (the controller), progress and history (the volume), cancel.
+
+`POST /v1/train/{job_id}/resume` reruns a failed, cancelled or interrupted job under its id from
+its last checkpoint, with its config and dataset snapshot (202, the record: `queued`,
+`resumed_from_epoch`, `resumes`); 404 unknown id, 409 `job_running` while a job runs (naming
+it, as every `job_running` does), 409 `job_not_resumable` saying why (it succeeded; it has
+neither a checkpoint nor its snapshot; its snapshot is gone and the dataset changed).
+`GET /v1/train` lists every record newest first with what `visionloop jobs` shows: `job_id`,
+`status`, `source` (api, schedule, cli), `created_at`, `started_at`, `finished_at`, `progress`,
+`version`, `promoted`, `reason`, and for a resumed job `resumed_from_epoch` and `resumes`.
 
 A `{job_id}` is taken as sent: `JobStore` checks it against `JOB_ID_PATTERN` before any path is
 built from it, so an id that cannot be one (a NUL byte, thousands of characters, a dot file)
@@ -40,6 +49,13 @@ async def list_jobs(jobs: JobsDep, limit: int = Query(100, ge=1, le=10_000)
             responses={404: {"model": schemas.ErrorPublic}})
 async def get_job(job_id: str, jobs: JobsDep) -> schemas.JobPublic:
     return schemas.JobPublic.model_validate(await asyncio.to_thread(jobs.view, job_id))
+
+
+@router.post("/v1/train/{job_id}/resume", status_code=202, response_model=schemas.JobPublic,
+             responses={404: {"model": schemas.ErrorPublic}, 409: {"model": schemas.ErrorPublic},
+                        400: {"model": schemas.ErrorPublic}})
+async def resume_job(job_id: str, controller: ControllerDep) -> schemas.JobPublic:
+    return schemas.JobPublic.model_validate(await controller.resume(job_id, "api"))
 
 
 @router.delete("/v1/train/{job_id}", status_code=202, response_model=schemas.JobPublic,

@@ -1,16 +1,20 @@
 """POST /v1/predict: every bad input refused with its status and code, every image mode a
-client may send accepted, and the answer's shape (multipart and JSON)."""
+client may send accepted, the answer's shape (multipart and JSON), and `?version=`: answered by
+that version, 404 for one that is not there, 409 for one that cannot load."""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import pytest
 
 from tests.service.api.conftest import Api, MakeApi, dataset_files, files
 from tests.support.http import assert_error
 from tests.support.images import IMAGE_MODES, image_bytes, noisy_image, png_declaring
+from tests.support.versions import publish_broken_copy, publish_version
+from training.registry import Registry
 
 MAX_BYTES = 256 * 1024
 
@@ -107,3 +111,55 @@ def test_predict_shapes_json_and_multipart(api: Api) -> None:
     # the prediction is kept for feedback and review: its id finds its image
     pid = r.json()["predictions"][1]["prediction_id"]
     assert c.get(f"/v1/review/{pid}/image", headers=api.headers()).content == b
+
+
+def test_predict_with_a_named_version(api: Api) -> None:
+    """v1 (classes blue, red) published beside the served v0: `?version=v1` answers with v1
+    (each prediction, the body and the header say so), the served model still answers plain
+    requests, and v1 stays loaded in this replica for the next comparison."""
+    registry = Registry(api.home)
+    v1 = publish_version(registry, ["blue", "red"])
+    c = api.client
+    image = noisy_image(3, (200, 20, 20))
+    for _ in range(2):
+        r = c.post("/v1/predict", files=files(("a.png", image), ("b.png", image)),
+                   params={"version": v1, "top_k": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == v1 and r.headers["x-model-version"] == v1
+        assert all({t["label"] for t in p["top_k"]} == {"blue", "red"}
+                   for p in body["predictions"])
+    plain = c.post("/v1/predict", files=files(("a.png", image))).json()
+    assert plain["model_version"] == "v0" and len(plain["predictions"][0]["top_k"]) == 5
+    named_v0 = c.post("/v1/predict", files=files(("a.png", image)), params={"version": "v0"})
+    assert named_v0.json()["model_version"] == "v0"
+    status = c.app.state.services.classifier.classifier.status()  # type: ignore[attr-defined]
+    assert status["version"] == "v0" and status["other_versions"] == [v1]
+    # the prediction is kept like any other, with the version that made it
+    pid = body["predictions"][0]["prediction_id"]
+    assert c.get(f"/v1/review/{pid}/image", headers=api.headers()).content == image
+
+
+@pytest.mark.parametrize("version", ["v99", "bogus", "v" + "9" * 3000, "..", "v1\x00", "",
+                                     "v\u0661"])
+def test_predict_with_a_version_that_is_not_there_is_404(api: Api, version: str) -> None:
+    r = api.client.post(f"/v1/predict?version={quote(version, safe='')}",
+                        files=files(("a.png", image_bytes())))
+    body = assert_error(r, 404, "version_not_found")
+    assert len(body["error"]["message"]) < 200 and not body["error"]["message"].startswith("a.png")
+
+
+def test_predict_with_a_broken_version_is_409(api: Api) -> None:
+    broken = publish_broken_copy(Registry(api.home))
+    c = api.client
+    for _ in range(2):  # refused every time it is asked for, nothing cached
+        body = assert_error(c.post("/v1/predict", files=files(("a.png", image_bytes())),
+                                   params={"version": broken}), 409, "invalid_version")
+        assert body["error"]["message"].startswith(f"{broken}: model.safetensors does not "
+                                                   "match its checksum")
+    r = c.post("/v1/predict", files=files(("a.png", image_bytes())))
+    assert r.status_code == 200 and r.json()["model_version"] == "v0"
+    # an image refused by the decoder is still named, with a version given
+    body = assert_error(c.post("/v1/predict", files=files(("t.png", b"")),
+                               params={"version": "v0"}), 400, "invalid_image")
+    assert body["error"]["message"].startswith("t.png: ")
