@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from service.api.routes import labels, models, ops, predict, review, training
+from service.api.routes import labels, models, ops, predict, review, training, web
 
 api_router = APIRouter()
-for _module in (ops, predict, labels, review, training, models):
+for _module in (ops, predict, labels, review, training, models, web):
     api_router.include_router(_module.router)
