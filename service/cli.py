@@ -2,13 +2,27 @@
 
 On the volume (`--home`, default `VISIONLOOP_HOME` or ./visionloop-data):
     up        start the whole service (local Ray cluster, or join RAY_ADDRESS)
-    train     run one training job here, with a progress bar (shares the job lock)
+    train     run one training job here, with a progress bar (shares the job lock);
+              `train --resume ID` continues an interrupted job from its last checkpoint
     import    an ImageFolder tree, or `import cifar10 --subset N [--from FOLDER]`
-    models    the versions on the volume; the current one marked
+    models    the versions on the volume; the current one marked; the promotion policy
 Against a running service (`--url`, `--token`):
-    predict IMAGE...   label DIR   activate VERSION
+    predict IMAGE...   label DIR   jobs   cancel ID   activate VERSION [--no-pin]   pin   unpin
 
 `import` and `label` end in the same function, `DatasetStore.ingest` (here and in the server).
+
+The token the HTTP commands send, first found of: `--token`, `VISIONLOOP_API_TOKEN`,
+`VISIONLOOP_API_TOKEN_FILE`; `<home>/secrets/api-token` (home: `--home`, else
+`VISIONLOOP_HOME`); `./visionloop-data/secrets/api-token` (unless `--home` was given: an explicit
+volume is the only one looked at). A 401 or 403 says which places were looked at, what each
+held, and names `--token` and `--home`; no message ever shows a token.
+
+Quiet by default: the libraries' own INFO lines (httpx's line per request, Ray Serve's start-up
+lines, among them "Connecting to existing Serve app ... will not be applied", logged because
+`serve.run` calls `serve.start` again after ours) are turned off by raising those loggers'
+levels to WARNING; their warnings and errors still show. torch's ONNX exporter's UserWarnings
+(on each publish) are filtered by module. `-v/--verbose` leaves all of them on. Our own loggers
+follow `VISIONLOOP_LOG_LEVEL`.
 
 Settings and flags come from the models, in one direction. Every `VISIONLOOP_*` value is read by
 a model of `service.settings` (`CommonSettings` for every command, `Settings` for the service,
@@ -42,13 +56,14 @@ import threading
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from service.security import TokenFileError
+from service.security import ClientToken
 from service.settings import (
     ENV_PREFIX,
     ClientSettings,
@@ -59,10 +74,27 @@ from service.settings import (
     read_settings,
 )
 from training.config import TrainConfig
+from training.errors import DomainError
+
+# Libraries whose INFO lines are noise on every call (`_quiet_libraries`).
+CHATTY_LOGGERS = ("httpx", "httpcore", "ray.serve")
 
 
 class CliError(Exception):
     """A failure to report in one line and exit 1."""
+
+
+def _quiet_libraries(verbose: int) -> None:
+    """Raise the chatty libraries' loggers to WARNING, or with `verbose` (-v) give them no
+    level of their own (they follow their parents: the root's `VISIONLOOP_LOG_LEVEL`, Ray's
+    own logger). Called again after `import ray.serve`, which sets its logger's level to INFO
+    when first imported."""
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    if not verbose:
+        # torch's ONNX exporter warns about constant folding on every export (each publish,
+        # v0's included): a note for exporter developers, not for the user.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx\.")
 
 
 # -- flags from the models -----------------------------------------------------------------------
@@ -170,6 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from service.app import APP_NAME, build_app, prepare_home
 
+    _quiet_libraries(args.verbose)  # again: importing ray.serve set its logger to INFO
     settings, token_file = prepare_home(
         _read(Settings, home=args.home, host=args.host, port=args.port))
     stop = threading.Event()
@@ -205,24 +238,67 @@ def cmd_up(args: argparse.Namespace) -> int:
 # -- train ---------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from service.controller import InvalidTrainRequest, train_config
     from training.dataset import DatasetStore, DatasetTooSmall
     from training.jobs import JobRunning, JobStore
     from training.pipeline import prepare_data, run_job
-    from training.resources import InsufficientResources, check_cluster
 
     settings = _read(Settings, home=args.home)
     home = Path(settings.home).resolve()
+    if args.resume is not None:
+        return _resume(args, settings, home)
     try:
         cfg = train_config(_model_values(args, TrainConfig), settings.train_defaults())
         prepare_data(DatasetStore(home, settings.max_pixels))
-        jobs = JobStore(home)
-        if jobs.is_locked():
+        if JobStore(home).is_locked():
             raise JobRunning("a training job is already running on this volume")
     except (InvalidTrainRequest, DatasetTooSmall, JobRunning) as exc:
         raise CliError(str(exc)) from None
+
+    def start(on_started: Callable[[str], None]) -> dict[str, Any]:
+        return run_job(home, cfg, source="cli", keep_versions=settings.keep_versions,
+                       on_started=on_started,
+                       pending_timeout_s=settings.train_pending_timeout_s)
+
+    return _run_training(home, settings, cfg, start, "")
+
+
+def _resume(args: argparse.Namespace, settings: Settings, home: Path) -> int:
+    """`train --resume ID`: job ID again under its id, with its own configuration and dataset
+    snapshot, from its last checkpoint (`training.pipeline.resume_job`), here with a progress
+    bar. A training flag beside --resume is refused: the job's configuration is what its
+    checkpoint was made with."""
+    from training.pipeline import plan_resume, resume_job
+
+    given = _model_values(args, TrainConfig)
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
+        raise CliError(f"--resume continues job {args.resume} with its own configuration; "
+                       f"drop {flags} (or start a new job without --resume)")
+    plan = plan_resume(home, args.resume)  # JobNotFound / JobRunning / JobNotResumable, early
+    job_id = args.resume
+
+    def start(on_started: Callable[[str], None]) -> dict[str, Any]:
+        return resume_job(home, job_id, source="cli", keep_versions=settings.keep_versions,
+                          on_started=on_started,
+                          pending_timeout_s=settings.train_pending_timeout_s)
+
+    where = ("from the start" if plan.from_epoch is None
+             else f"from its checkpoint of epoch {plan.from_epoch}")
+    return _run_training(home, settings, plan.cfg, start, f" resumed {where}")
+
+
+def _run_training(home: Path, settings: Settings, cfg: TrainConfig,
+                  start: Callable[[Callable[[str], None]], dict[str, Any]], how: str) -> int:
+    """Ray up (`init_ray`), the cluster checked for `cfg`, then `start(on_started)` (a job to
+    its end: `run_job` or `resume_job`) in a thread while a progress bar follows its record.
+    -> 0 when the job succeeded; a failed or cancelled job is a CliError naming why."""
+    from tqdm import tqdm
+
+    from training.jobs import JobStore
+    from training.resources import InsufficientResources, check_cluster
+
+    jobs = JobStore(home)
     init_ray(settings.ray_num_cpus)
     try:
         check_cluster(cfg)  # what this Ray cluster can hold, before a record is written
@@ -237,9 +313,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def target() -> None:
         try:
-            job["record"] = run_job(home, cfg, source="cli",
-                                    keep_versions=settings.keep_versions, on_started=on_started,
-                                    pending_timeout_s=settings.train_pending_timeout_s)
+            job["record"] = start(on_started)
         except BaseException as exc:
             job["error"] = exc
         finally:
@@ -248,10 +322,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     thread = threading.Thread(target=target, name="train", daemon=True)
     thread.start()
     started.wait()
-    if "error" in job:
-        raise CliError(str(job["error"]))
-    print(f"training job {job['id']}: {cfg.backbone}, {cfg.strategy}, {cfg.epochs} epochs, "
-          f"{cfg.workers} worker(s){', GPU' if cfg.gpu else ''}", flush=True)
+    if "id" not in job:
+        raise CliError(str(job.get("error") or "the job did not start"))
+    print(f"training job {job['id']}{how}: {cfg.backbone}, {cfg.strategy}, {cfg.epochs} "
+          f"epochs, {cfg.workers} worker(s){', GPU' if cfg.gpu else ''}", flush=True)
     with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {postfix}") as bar:
         while thread.is_alive():
             thread.join(0.5)
@@ -285,11 +359,50 @@ def _show_progress(bar: Any, record: dict[str, Any]) -> None:
 
 # -- import, models ------------------------------------------------------------------------------
 
+SPLIT_FOLDERS = ("train", "val", "test")
+NOT_IN_A_LABEL_FOLDER = "not in a label folder (DIR/<label>/<image>)"
+
+
+def check_imagefolder(root: Path, command: str) -> list[Path]:
+    """Refuse, before anything is read or sent, a DIR that is not an ImageFolder tree
+    (`DIR/<label>/<image>`, or `DIR/train|val|test/<label>/<image>`, as `iter_imagefolder`
+    walks it): not a directory, images directly in DIR (a flat folder), or no file in any label
+    folder. The message shows the expected layout with an example made of DIR's own names.
+    -> the files directly in DIR beside label folders, which are skipped (and reported)."""
+    def example(name: str = "1.jpg", other: str = "2.jpg") -> str:
+        return (f"{command} takes one folder per label, named after it: {root}/<label>/<image>, "
+                f"e.g. {root}/cat/{name} and {root}/dog/{other}")
+
+    if not root.is_dir():
+        raise CliError(f"{root} is not a directory; {example()}")
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    loose = [p for p in entries if p.is_file()]
+    subs = [p for p in entries if p.is_dir()]
+    if subs and {p.name for p in subs} <= set(SPLIT_FOLDERS):
+        subs = sorted(d for split in subs for d in split.iterdir() if d.is_dir())
+    has_files = any(f.is_file() and not f.name.startswith(".")
+                    for d in subs for f in d.rglob("*"))
+    if not has_files and loose:
+        names = [p.name for p in loose[:2]] + ["2.jpg"]
+        shown = ", ".join(p.name for p in loose[:3]) + (", ..." if len(loose) > 3 else "")
+        raise CliError(f"{root} holds {len(loose)} file(s) directly ({shown}) and no label "
+                       f"folder; {example(names[0], names[1])} (move each image into the "
+                       "folder of its label)")
+    if not has_files:
+        raise CliError(f"{root} has no images in label folders"
+                       f"{' (its folders are empty)' if subs else ' (it is empty)'}; "
+                       f"{example()}")
+    return loose
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from training.dataset import DatasetStore, download_cifar10, iter_cifar10, iter_imagefolder
 
+    if args.source.lower().endswith((".csv", ".tar", ".tar.gz", ".tgz")):
+        return _import_file(args)
     settings = _read(Settings, home=args.home)
     home = Path(settings.home).resolve()
+    loose = [] if args.source == "cifar10" else check_imagefolder(Path(args.source), "import")
     store = DatasetStore(home, settings.max_pixels)
     if args.source == "cifar10":
         folder = Path(args.from_folder) if args.from_folder else None
@@ -302,18 +415,62 @@ def cmd_import(args: argparse.Namespace) -> int:
         files: Iterator[tuple[str, str, bytes]] = iter_cifar10(folder, args.subset)
         source = "import:cifar10"
     else:
-        if not Path(args.source).is_dir():
-            raise CliError(f"{args.source} is not a directory (an ImageFolder tree: "
-                           "DIR/<label>/<image>)")
         files = iter_imagefolder(Path(args.source))
         source = "import"
     try:
         report = store.ingest_many(files, source)
     except (OSError, pickle.UnpicklingError, KeyError) as exc:
         raise CliError(f"cannot read {args.source}: {type(exc).__name__}: {exc}") from None
+    report.skipped[:0] = [(str(p), NOT_IN_A_LABEL_FOLDER) for p in loose]
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     print(report.summary())
+    return 0
+
+
+def cmd_predict_dir(args: argparse.Namespace) -> int:
+    from training.batch import predict_dir
+
+    settings = _read(Settings, home=args.home)
+    init_ray(settings.ray_num_cpus)
+    report = predict_dir(Path(settings.home).resolve(), Path(args.dir), Path(args.out),
+                         version=args.version, workers=args.workers, gpu=args.gpu,
+                         batch_size=args.batch, top_k=args.top_k, threads=args.threads,
+                         max_pixels=settings.max_pixels)
+    print(report.summary())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.dataset import DatasetStore
+    from training.exchange import export_dataset
+
+    settings = _read(Settings, home=args.home)
+    store = DatasetStore(Path(settings.home).resolve(), settings.max_pixels)
+    count = export_dataset(store, Path(args.out))
+    print(f"exported {count} images to {args.out}")
+    return 0
+
+
+def _import_file(args: argparse.Namespace) -> int:
+    """`import X.csv` (path,label rows; paths relative to the CSV) or `import X.tar` (an
+    export of this tool, or an ImageFolder tree as a tar)."""
+    from training.dataset import DatasetStore
+    from training.exchange import import_archive, import_csv, summarize
+
+    settings = _read(Settings, home=args.home)
+    store = DatasetStore(Path(settings.home).resolve(), settings.max_pixels)
+    path = Path(args.source)
+    if not path.is_file():
+        raise CliError(f"{path} is not a file")
+    results = (import_csv(store, path) if path.suffix.lower() == ".csv"
+               else import_archive(store, path))
+    for r in results:
+        if r.error:
+            print(f"skipped {r.error['message']}", file=sys.stderr)
+    counts = summarize(results)
+    print(f"added {counts['added']}, duplicate {counts['duplicate']}, relabelled "
+          f"{counts['relabelled']}, skipped {counts['failed']}")
     return 0
 
 
@@ -339,82 +496,182 @@ def cmd_models(args: argparse.Namespace) -> int:
     if len(rows) == 1:
         print("no model versions yet (`visionloop up` or `visionloop train` publishes v0)")
         return 0
+    _print_table(rows)
+    print(policy_line(registry.policy()))
+    return 0
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
+
+
+def policy_line(policy: dict[str, Any]) -> str:
+    """The promotion policy (`Registry.policy()`, or the API's `policy`) in one line, with the
+    command that changes it."""
+    if policy.get("mode") == "pinned":
+        when = (time.strftime(" since %Y-%m-%d %H:%M", time.localtime(policy["changed_at"]))
+                if policy.get("changed_at") else "")
+        by = f" by {policy['by']}" if policy.get("by") else ""
+        return (f"policy: pinned to {policy.get('version')}{when}{by}: jobs publish new "
+                "versions but do not promote them (`visionloop unpin` lets them)")
+    return ("policy: automatic: a job whose version passes the gate becomes current "
+            "(`visionloop pin` keeps the current one)")
 
 
 # -- HTTP commands -------------------------------------------------------------------------------
 
-def _client(args: argparse.Namespace) -> Any:
-    import httpx
-
-    from service.security import read_token_file
-
-    settings = _read(ClientSettings, home=args.home, url=args.url, api_token=args.api_token)
-    token = (settings.api_token.get_secret_value() if settings.api_token
-             else read_token_file(settings.home))
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=settings.url, headers=headers, timeout=args.timeout)
+DEFAULT_HOME = Path(str(CommonSettings.model_fields["home"].default))
+# Answers about one file of a batch (its bytes, size, format): the others still count.
+FILE_ERRORS = (400, 413, 415)
 
 
-def _check(response: Any) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if response.status_code >= 400:
-        err = body.get("error") if isinstance(body, dict) else None
-        message = err["message"] if err else response.text[:500]
-        raise CliError(f"HTTP {response.status_code}: {message}")
-    return body
+def find_token(settings: ClientSettings, flag: bool, home_flag: bool) -> ClientToken:
+    """The token to send (`security.find_client_token`): `--token` (`flag`: it was given),
+    else `VISIONLOOP_API_TOKEN`, else `VISIONLOOP_API_TOKEN_FILE`'s content (all three arrive
+    as `settings.api_token`); else `<home>/secrets/api-token`, then
+    `./visionloop-data/secrets/api-token` unless `--home` was given (`home_flag`)."""
+    from service.security import find_client_token
+
+    if settings.api_token is None:
+        source = f"--token, {ENV_PREFIX}API_TOKEN and {ENV_PREFIX}API_TOKEN_FILE"
+    elif flag:
+        source = "--token"
+    elif (os.environ.get(f"{ENV_PREFIX}API_TOKEN") or "").strip():
+        source = f"{ENV_PREFIX}API_TOKEN"
+    else:
+        source = f"{ENV_PREFIX}API_TOKEN_FILE ({settings.api_token_file})"
+    volumes = [settings.home] if home_flag else [settings.home, DEFAULT_HOME]
+    return find_client_token(settings.api_token, source, volumes)
+
+
+class ServiceClient:
+    """The running service over HTTP (`http`: an httpx client sending the token `find_token`
+    chose). `request` answers the parsed JSON body; `check` turns an error answer into
+    CliError "HTTP <status>: <message>", a 401/403 with the token's `hint`."""
+
+    def __init__(self, args: argparse.Namespace):
+        import httpx
+
+        settings = _read(ClientSettings, home=args.home, url=args.url, api_token=args.api_token)
+        self.token = find_token(settings, args.api_token is not None, args.home is not None)
+        headers = {"Authorization": f"Bearer {self.token.token}"} if self.token.token else {}
+        self.http = httpx.Client(base_url=settings.url, headers=headers, timeout=args.timeout)
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.check(self.http.request(method, path, **kwargs))
+
+    def check(self, response: Any) -> Any:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code >= 400:
+            err = body.get("error") if isinstance(body, dict) else None
+            message = err["message"] if err else response.text[:500]
+            if response.status_code in (401, 403):
+                message = f"{message.rstrip('.')}; {self.token.hint()}"
+            raise CliError(f"HTTP {response.status_code}: {message}")
+        return body
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Every image classified that can be: the images go in batches of `--batch`; a batch
+    refused because of one of its files (400, 413, 415) is sent again one file at a time, so
+    each bad file gets its own reason and the others their predictions. A file that cannot be
+    read is reported the same way. Predictions on stdout, in the order given; failures on
+    stderr; exit 1 when any file failed. An answer about the whole call (401, 503, ...) stops
+    it."""
     paths = [Path(p) for p in args.images]
-    for p in paths:
-        if not p.is_file():
-            raise CliError(f"{p}: no such file")
-    with _client(args) as client:
-        body = _check(client.post("/v1/predict", params={"top_k": args.top_k},
-                                  files=[("files", (p.name, p.read_bytes())) for p in paths]))
-    print(f"model {body['model_version']}")
-    for pred in body["predictions"]:
+    failed = 0
+    shown_version: list[str] = []
+
+    def report(path: Path, version: str | None, pred: dict[str, Any] | None, error: str) -> None:
+        nonlocal failed
+        if pred is None:
+            failed += 1
+            print(f"{path}: {error}", file=sys.stderr, flush=True)
+            return
+        if shown_version != [version]:
+            shown_version[:] = [str(version)]
+            print(f"model {version}", flush=True)
         tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in pred["top_k"])
-        print(f"{pred['filename']}: {pred['label']} ({pred['score']:.3f})  [{tops}]  "
-              f"id {pred['prediction_id']}")
+        print(f"{path}: {pred['label']} ({pred['score']:.3f})  [{tops}]  "
+              f"id {pred['prediction_id']}", flush=True)
+
+    def classify(client: ServiceClient, batch: list[tuple[Path, bytes]]) -> None:
+        response = client.http.post("/v1/predict", params={"top_k": args.top_k},
+                                     files=[("files", (p.name, d)) for p, d in batch])
+        if response.status_code in FILE_ERRORS and len(batch) > 1:
+            for one in batch:
+                classify(client, [one])
+            return
+        try:
+            body = client.check(response)
+        except CliError as exc:
+            if response.status_code not in FILE_ERRORS:
+                raise
+            report(batch[0][0], None, None,
+                   str(exc).replace(f": {batch[0][0].name}: ", ": ", 1))
+            return
+        for (path, _), pred in zip(batch, body["predictions"], strict=True):
+            report(path, body["model_version"], pred, "")
+
+    with ServiceClient(args) as client:
+        batch: list[tuple[Path, bytes]] = []
+        for path in paths:
+            try:
+                batch.append((path, path.read_bytes()))
+            except OSError as exc:
+                if batch:
+                    classify(client, batch)
+                    batch = []
+                report(path, None, None, f"cannot read it ({exc.strerror or exc})")
+                continue
+            if len(batch) >= args.batch:
+                classify(client, batch)
+                batch = []
+        if batch:
+            classify(client, batch)
+    if failed:
+        raise CliError(f"{failed} of {len(paths)} file(s) could not be classified")
     return 0
 
 
 def cmd_label(args: argparse.Namespace) -> int:
     from training.dataset import iter_imagefolder
 
-    if not Path(args.dir).is_dir():
-        raise CliError(f"{args.dir} is not a directory (an ImageFolder tree: DIR/<label>/<image>)")
+    loose = check_imagefolder(Path(args.dir), "label")
     counts = {"added": 0, "duplicate": 0, "relabelled": 0}
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_LABEL_FOLDER) for p in loose]
     batch: list[tuple[str, bytes]] = []
     batch_label: str | None = None
 
-    def send(client: Any, label: str, files: list[tuple[str, bytes]]) -> None:
-        response = client.post("/v1/labels", data={"label": label},
-                               files=[("files", (Path(n).name, d)) for n, d in files])
-        if response.status_code in (400, 413, 415) and len(files) > 1:
+    def send(client: ServiceClient, label: str, files: list[tuple[str, bytes]]) -> None:
+        response = client.http.post("/v1/labels", data={"label": label},
+                                    files=[("files", (Path(n).name, d)) for n, d in files])
+        if response.status_code in FILE_ERRORS and len(files) > 1:
             for one in files:  # find the bad file(s); the good ones still go in
                 send(client, label, [one])
             return
         try:
-            body = _check(response)
+            body = client.check(response)
         except CliError as exc:
-            if response.status_code in (400, 413, 415):
+            if response.status_code in FILE_ERRORS:
                 skipped.append((files[0][0], str(exc)))
                 return
             raise
         for r in body["results"]:
             counts[r["status"]] += 1
 
-    with _client(args) as client:
+    with ServiceClient(args) as client:
         for name, label, data in iter_imagefolder(Path(args.dir)):
             if batch and (label != batch_label or len(batch) >= args.batch):
                 send(client, batch_label or label, batch)
@@ -430,10 +687,69 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _short(text: str | None, width: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """GET /v1/train as a table, newest first: a running job shows its epoch and ETA."""
+    with ServiceClient(args) as client:
+        body = client.request("GET", "/v1/train", params={"limit": args.limit})
+    if not body["jobs"]:
+        print("no training jobs yet (`visionloop train`, or POST /v1/train)")
+        return 0
+    rows: list[tuple[str, ...]] = [("JOB", "STATUS", "SOURCE", "STARTED", "VERSION", "PROMOTED",
+                                    "REASON")]
+    for j in body["jobs"]:
+        status = j["status"]
+        p = j.get("progress") or {}
+        if status == "running":
+            status += f" {p.get('epoch', 0)}/{p.get('epochs', 0)}"
+            if p.get("eta_s") is not None:
+                status += f" ETA {int(p['eta_s'])}s"
+        started = j.get("started_at") or j.get("created_at")
+        rows.append((j["job_id"], status, str(j.get("source") or "-"),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if started
+                     else "-",
+                     j.get("version") or "-",
+                     "-" if j.get("promoted") is None else str(j["promoted"]).lower(),
+                     _short(j.get("reason") or j.get("error"), args.reason_width) or "-"))
+    _print_table(rows)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """DELETE /v1/train/{id}: the job stops at its next check (before its workers start, or at
+    the next step); the record turns `cancelled`. A job that had already ended is exit 1."""
+    with ServiceClient(args) as client:
+        record = client.request("DELETE", f"/v1/train/{args.job_id}")
+    status = record["status"]
+    if status in ("queued", "running"):
+        print(f"job {record['job_id']}: cancel requested ({status}); it stops at its next "
+              "check (`visionloop jobs` shows it cancelled)")
+        return 0
+    if status == "cancelled":
+        print(f"job {record['job_id']}: cancelled")
+        return 0
+    raise CliError(f"job {record['job_id']} had already ended ({status}); nothing to cancel")
+
+
 def cmd_activate(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        body = _check(client.post(f"/v1/models/{args.version}/activate"))
+    with ServiceClient(args) as client:
+        body = client.request("POST", f"/v1/models/{args.version}/activate",
+                              params={"pin": str(args.pin).lower()})
     print(f"current: {body['current']} (replicas: {', '.join(map(str, body['replicas']))})")
+    if body.get("policy"):
+        print(policy_line(body["policy"]))
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """`pin` / `unpin`: PUT /v1/models/policy {"mode": "pinned" | "automatic"}."""
+    with ServiceClient(args) as client:
+        body = client.request("PUT", "/v1/models/policy", json={"mode": args.mode})
+    print(policy_line(body))
     return 0
 
 
@@ -444,6 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="visionloop", description="Self-hosted image classification that retrains itself.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, **kwargs)
+        p.add_argument("-v", "--verbose", action="count", default=0,
+                       help="also the libraries' INFO lines (each HTTP request, Ray Serve's "
+                            "start-up)")
+        return p
+
     def volume(p: argparse.ArgumentParser) -> None:
         _setting_option(p, CommonSettings, "home")
 
@@ -451,59 +774,135 @@ def build_parser() -> argparse.ArgumentParser:
         volume(p)
         _setting_option(p, ClientSettings, "url")
         _setting_option(p, ClientSettings, "api_token", flag="--token",
-                        otherwise="the volume's secrets/api-token")
+                        otherwise="$VISIONLOOP_API_TOKEN_FILE's content, else "
+                                  "<home>/secrets/api-token, else "
+                                  "./visionloop-data/secrets/api-token")
         p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
 
-    p = sub.add_parser("up", help="start the whole service",
-                       description="Start Ray (local, or join RAY_ADDRESS), Serve and the API. "
-                       "Stops cleanly on SIGTERM/SIGINT.")
+    p = command("up", help="start the whole service",
+                description="Start Ray (local, or join RAY_ADDRESS), Serve and the API. "
+                "Stops cleanly on SIGTERM/SIGINT.")
     volume(p)
     _setting_option(p, Settings, "host")
     _setting_option(p, Settings, "port")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("train", help="run one training job on the volume",
-                       description="Run one Ray Train job here with a progress bar. Fails if a "
-                       "job is already running on this volume.")
+    p = command("train", help="run one training job on the volume",
+                description="Run one Ray Train job here with a progress bar. Fails if a "
+                "job is already running on this volume. --resume ID continues a failed "
+                "(interrupted) or cancelled job from its last checkpoint, with its own "
+                "configuration and dataset snapshot.")
     volume(p)
+    p.add_argument("--resume", metavar="JOB_ID", default=None,
+                   help="resume that job (`visionloop jobs` lists them) instead of starting one")
     _model_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("import", help="import an ImageFolder tree or CIFAR-10",
-                       description="DIR: an ImageFolder tree (DIR/<label>/<image>, or "
-                       "DIR/train|val/<label>/<image>). 'cifar10': the CIFAR-10 training images.")
+    p = command("import", help="import an ImageFolder tree, an export, a CSV or CIFAR-10",
+                description="DIR: an ImageFolder tree (DIR/<label>/<image>, or "
+                "DIR/train|val/<label>/<image>). X.tar: an export of `visionloop export` (same "
+                "hashes, labels and splits) or an ImageFolder tree as a tar. X.csv: path,label "
+                "rows, paths relative to the CSV. 'cifar10': the CIFAR-10 training images.")
     volume(p)
-    p.add_argument("source", help="DIR, or the word cifar10")
+    p.add_argument("source", help="DIR, X.tar, X.csv, or the word cifar10")
     p.add_argument("--subset", type=int, default=None,
                    help="cifar10: at most N images per class")
     p.add_argument("--from", dest="from_folder", default=None,
                    help="cifar10: a local cifar-10-batches-py folder instead of downloading")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("models", help="list model versions", description="List model versions "
-                       "on the volume; * marks the current one.")
+    p = command("predict-dir", help="classify every file under a folder on the Ray cluster",
+                description="Batch inference with Ray Data: every file under DIR (recursively) "
+                "into --out (.jsonl or .csv: path, label, score, top_k, version; a file that is "
+                "not an image gets an error line). A rerun with the same --out resumes: paths "
+                "already written are skipped. Joins RAY_ADDRESS, else starts a local Ray.")
+    volume(p)
+    p.add_argument("dir", help="the folder of images")
+    p.add_argument("--out", required=True, help="preds.jsonl or preds.csv")
+    p.add_argument("--version", default=None, help="v0, v1, ... (default: CURRENT)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="actors (default: every CPU of the cluster, or every GPU with --gpu)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--batch", type=_positive, default=16, help="images per forward pass")
+    p.add_argument("--top-k", type=_positive, default=5)
+    p.add_argument("--threads", type=_positive, default=1, help="torch threads per actor")
+    p.set_defaults(func=cmd_predict_dir)
+
+    p = command("export", help="export the dataset as a tar",
+                description="Write the dataset to OUT: an ImageFolder tree "
+                "(visionloop-dataset/<split>/<label>/<sha256>.<ext>) and manifest.csv/.jsonl "
+                "(sha256, label, split, source, path). `visionloop import OUT` reads it back.")
+    volume(p)
+    p.add_argument("out", help="the tar to write, e.g. dataset.tar")
+    p.set_defaults(func=cmd_export)
+
+    p = command("models", help="list model versions", description="List model versions "
+                "on the volume; * marks the current one; then the promotion policy.")
     volume(p)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("predict", help="classify images with the running service")
+    p = command("predict", help="classify images with the running service",
+                description="Classify each image; a file that cannot be classified is "
+                "reported on stderr with its reason and the others are still classified "
+                "(exit 1 when any failed).")
     http(p)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch", type=_positive, default=32, help="images per request")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("label", help="upload an ImageFolder tree of labelled images",
-                       description="Upload DIR/<label>/<image> to the running service, in "
-                       "batches of one label.")
+    p = command("label", help="upload an ImageFolder tree of labelled images",
+                description="Upload DIR/<label>/<image> (one folder per label, named after "
+                "it: photos/cat/1.jpg, photos/dog/2.jpg) to the running service, in batches of "
+                "one label.")
     http(p)
     p.add_argument("dir")
-    p.add_argument("--batch", type=int, default=32, help="images per request")
+    p.add_argument("--batch", type=_positive, default=32, help="images per request")
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser("activate", help="serve another model version (rollback or pin)")
+    p = command("jobs", help="list training jobs (newest first)",
+                description="Training jobs with their status, who started them, when, the "
+                "version each published and whether it was promoted, and why.")
+    http(p)
+    p.add_argument("--limit", type=_positive, default=20, help="at most this many jobs")
+    p.add_argument("--reason-width", type=_positive, default=60,
+                   help="characters of each reason shown")
+    p.set_defaults(func=cmd_jobs)
+
+    p = command("cancel", help="cancel a training job",
+                description="Ask a queued or running job to stop (DELETE /v1/train/{id}).")
+    http(p)
+    p.add_argument("job_id", help="the job's id (`visionloop jobs`)")
+    p.set_defaults(func=cmd_cancel)
+
+    p = command("activate", help="serve another model version (rollback or pin)",
+                description="Make VERSION current on every replica. By default it is pinned: "
+                "jobs keep publishing versions but do not promote them until `visionloop "
+                "unpin`; --no-pin leaves the policy automatic (the next job that passes the "
+                "gate against VERSION replaces it).")
     http(p)
     p.add_argument("version", help="v0, v1, ...")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin VERSION (default: pin)")
     p.set_defaults(func=cmd_activate)
+
+    p = command("pin", help="keep the current version: jobs publish but do not promote",
+                description="Set the promotion policy to pinned (on the current version).")
+    http(p)
+    p.set_defaults(func=cmd_policy, mode="pinned")
+
+    p = command("unpin", help="let jobs that pass the gate promote again",
+                description="Set the promotion policy to automatic.")
+    http(p)
+    p.set_defaults(func=cmd_policy, mode="automatic")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -511,8 +910,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logging.basicConfig(level=_read(CommonSettings, home=args.home).log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _quiet_libraries(args.verbose)
         return int(args.func(args))
-    except (CliError, SettingsError, TokenFileError) as exc:
+    except (CliError, SettingsError, DomainError) as exc:
         print(f"visionloop: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

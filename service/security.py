@@ -9,6 +9,9 @@
   winner's), and a crash at any point leaves either no token file or a complete one, never an
   empty one. (A crash may leave the temporary `.api-token.*` file: 0600, in the 0700 folder,
   never read.)
+- A client (the CLI's HTTP commands) sends the first of: the token it was given (flag,
+  environment, secret file), `<home>/secrets/api-token` of each volume it is pointed at
+  (`find_client_token`); what it tried is what a 401 tells the user, never a token's text.
 - A token file that exists but cannot be used (unreadable, empty, shorter than
   API_TOKEN_MIN_LENGTH, or more than one line) stops the start with `TokenFileError` naming the
   file and the rule, and never shows what it holds: guessing a replacement instead would give
@@ -25,6 +28,8 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -88,13 +93,58 @@ def read_token(path: Path, min_length: int, label: str, hint: str = "") -> str:
     raise TokenFileError(f"{label} {path} {problem}{hint}")
 
 
-def read_token_file(home: Path | str) -> str | None:
-    """The volume's API token for a client (the CLI, tests), or None when there is none to
-    use; the service itself goes through `ensure_api_token`, which refuses a bad file."""
-    try:
-        return read_token(token_path(home), API_TOKEN_MIN_LENGTH, "the API token file")
-    except TokenFileError:
-        return None
+@dataclass
+class ClientToken:
+    """The token a client (the CLI's HTTP commands) sends, from `find_client_token`: `token`
+    (None: none found), where it came from (`source`), and each place looked at with what it
+    held (`tried`), for what a 401/403 says (`hint`). Its repr never shows the token."""
+
+    token: str | None = field(default=None, repr=False)
+    source: str | None = None
+    tried: list[str] = field(default_factory=list)
+
+    def hint(self) -> str:
+        """Where the token sent came from, or where none was found, and the flags to fix it."""
+        if self.token is not None:
+            where = f"the token sent came from {self.source}"
+        else:
+            where = "no API token was found: tried " + "; ".join(self.tried)
+        return (f"{where}. Pass --token TOKEN (or set VISIONLOOP_API_TOKEN), or --home with the "
+                "service's data folder (or set VISIONLOOP_HOME), whose secrets/api-token holds it")
+
+
+def find_client_token(configured: SecretStr | str | None, source: str,
+                      volumes: Sequence[Path | str]) -> ClientToken:
+    """The token a client sends: `configured` (a flag, the environment, a secret file; `source`
+    names which) when given, else the first usable `<volume>/secrets/api-token` of `volumes`,
+    in order. A file missing or unusable (`read_token`'s rules, those the service applies to
+    it) is passed over and `tried` says why, never what it holds. Raises TokenFileError when
+    `configured` holds line breaks, control or non-ASCII characters (no HTTP header carries
+    them), naming `source` only. The service itself goes through `ensure_api_token`."""
+    if isinstance(configured, SecretStr):
+        configured = configured.get_secret_value()
+    if configured:
+        if not (configured.isascii() and configured.isprintable()):
+            raise TokenFileError(f"the token from {source} holds characters an HTTP header "
+                                 "cannot carry (line breaks, control or non-ASCII characters; "
+                                 "not shown)")
+        return ClientToken(configured, source)
+    found = ClientToken(tried=[f"{source} (none set)"])
+    seen: set[Path] = set()
+    for volume in volumes:
+        path = token_path(volume).absolute()
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        if not path.exists() and not path.is_symlink():
+            found.tried.append(f"{path} (no such file)")
+            continue
+        try:
+            token = read_token(path, API_TOKEN_MIN_LENGTH, "the API token file")
+            return ClientToken(token, str(path), found.tried)
+        except TokenFileError as exc:
+            found.tried.append(f"{path} ({str(exc).split(str(path), 1)[-1].strip()})")
+    return found
 
 
 def _create_token_file(path: Path) -> str | None:

@@ -1,12 +1,18 @@
-"""The `visionloop` command: --help everywhere, the volume commands, and `up` as a real
-subprocess that serves (predict, label, activate over HTTP) and stops cleanly on SIGTERM."""
+"""The `visionloop` command: --help everywhere, the volume commands, `up` as a real
+subprocess that serves (predict, label, activate over HTTP), stays quiet and stops cleanly on
+SIGTERM, and the HTTP commands against the real service on this module's Ray cluster (served
+over loopback: `tests.support.service.start_service`): where the token comes from and what a 401
+says, predict's per-file outcome, jobs and cancel, activate/pin/unpin, and `train --resume` of a
+real cancelled job."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +21,12 @@ import pytest
 
 from service.cli import build_parser, main
 from tests.support.images import noisy_image
-from tests.support.service import BACKBONE
+from tests.support.service import BACKBONE, RunningService, start_service
 from tests.support.waiting import free_port, wait_for, wait_ready
 from training.config import GateConfig, TrainConfig
 
-COMMANDS = ["up", "train", "import", "models", "predict", "label", "activate"]
+COMMANDS = ["up", "train", "import", "models", "predict", "label", "jobs", "cancel", "activate",
+            "pin", "unpin", "predict-dir", "export"]
 
 
 def make_tree(root: Path, per_label: int = 3) -> Path:
@@ -52,6 +59,30 @@ def test_import_and_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "no model versions yet" in capsys.readouterr().out
     assert main(["import", str(tmp_path / "missing"), "--home", str(home)]) == 1
     assert main(["import", "cifar10", "--from", str(tmp_path), "--home", str(home)]) == 1
+
+
+def test_export_then_import_the_tar_and_a_csv(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`export` writes the dataset as a tar that `import X.tar` reads back into another volume
+    (the same images under the same labels); `import X.csv` takes path,label rows and reports a
+    row it cannot take."""
+    home, other = tmp_path / "home", tmp_path / "other"
+    tree = make_tree(tmp_path / "tree")
+    assert main(["import", str(tree), "--home", str(home)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "d.tar"), "--home", str(home)]) == 0
+    assert "exported 6 images" in capsys.readouterr().out
+    assert main(["import", str(tmp_path / "d.tar"), "--home", str(other)]) == 0
+    assert "added 6, duplicate 0, relabelled 0, skipped 0" in capsys.readouterr().out
+    for label in ("red", "blue"):
+        assert sorted(p.name for p in (home / "dataset" / label).iterdir()) == \
+            sorted(p.name for p in (other / "dataset" / label).iterdir())
+    (tmp_path / "rows.csv").write_text("path,label\ntree/red/0.png,Golden Retriever\n"
+                                       "tree/red/notes.txt,red\n")
+    assert main(["import", str(tmp_path / "rows.csv"), "--home", str(other)]) == 0
+    out = capsys.readouterr()
+    assert "relabelled 1, skipped 1" in out.out and "skipped" in out.err
+    assert main(["import", str(tmp_path / "missing.tar"), "--home", str(other)]) == 1
 
 
 def test_train_refuses_too_small_dataset(tmp_path: Path,
@@ -126,6 +157,11 @@ def run_up(tmp_path: Path, home: Path, port: int, env: dict[str, str], log: Any)
 
         output = wait_for(printed, timeout=30, what="the URL printed")
         assert str(home / "secrets" / "api-token") in output
+        # Quiet by default: Serve's start-up INFO lines (the "Connecting to existing Serve
+        # app ... will not be applied" that serve.run logs after serve.start among them).
+        assert "Connecting to existing Serve app" not in output, output
+        assert "Started Serve" not in output, output
+        assert "Constant folding" not in output, output  # torch's ONNX exporter, v0's publish
         assert oct((home / "secrets" / "api-token").stat().st_mode & 0o777) == "0o600"
 
         image = tmp_path / "x.png"
@@ -162,3 +198,350 @@ def test_an_unreachable_service_is_one_line_naming_the_address(
     err = capsys.readouterr().err
     assert err.startswith(f"visionloop: cannot reach the service at {url}")
     assert "VISIONLOOP_URL" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+# -- without a service -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["label", "import"])
+def test_a_folder_that_is_not_one_folder_per_label_is_refused_with_the_layout(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Images directly in DIR, an empty DIR, empty label folders: refused before anything is
+    read or sent (no service listens on the --url), the layout shown with DIR's own names."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "cat1.png").write_bytes(noisy_image(1, (200, 30, 30)))
+    (flat / "cat2.png").write_bytes(noisy_image(2, (200, 30, 30)))
+    empty, hollow = tmp_path / "empty", tmp_path / "hollow"
+    empty.mkdir()
+    (hollow / "cat").mkdir(parents=True)
+    nowhere = ["--url", f"http://127.0.0.1:{free_port()}"] if command == "label" else []
+    home = ["--home", str(tmp_path / "home")]
+    cases = {flat: ["holds 2 file(s) directly (cat1.png, cat2.png)",
+                    f"{flat}/<label>/<image>", f"e.g. {flat}/cat/cat1.png"],
+             empty: ["has no images in label folders (it is empty)", f"{empty}/<label>/<image>"],
+             hollow: ["(its folders are empty)", f"{hollow}/<label>/<image>"],
+             tmp_path / "missing": ["is not a directory", "/<label>/<image>"]}
+    for folder, expected in cases.items():
+        assert main([command, str(folder), *nowhere, *home]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"visionloop: {folder}") and err.count("\n") == 1, err
+        for text in expected:
+            assert text in err, err
+    assert not (tmp_path / "home" / "dataset").exists()  # import wrote nothing
+
+
+def test_import_skips_files_beside_label_folders(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "loose.png").write_bytes(noisy_image(9, (9, 9, 9)))
+    assert main(["import", str(tree), "--home", str(tmp_path / "home")]) == 0
+    out = capsys.readouterr()
+    assert "added 6, duplicate 0, relabelled 0, skipped 2" in out.out
+    assert f"skipped {tree / 'loose.png'}: not in a label folder" in out.err
+
+
+def test_train_resume_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume takes the job's own configuration (a training flag beside it is refused) and
+    an unknown or finished job is refused before Ray starts."""
+    from training.jobs import JobStore
+
+    assert build_parser().parse_args(["train", "--resume", "20261129-000000-abcdef"]).resume \
+        == "20261129-000000-abcdef"
+    home = ["--home", str(tmp_path)]
+    assert main(["train", "--resume", "j1", "--epochs", "3", "--no-gpu", *home]) == 1
+    err = capsys.readouterr().err
+    assert "--resume continues job j1 with its own configuration; drop --epochs, --gpu" in err
+    assert main(["train", "--resume", "20261129-000000-abcdef", *home]) == 1
+    assert "20261129-000000-abcdef" in capsys.readouterr().err
+    jobs = JobStore(tmp_path)
+    done = jobs.create(TrainConfig().model_dump(), "api")["job_id"]
+    jobs.finish(done, "succeeded", "promoted", version="v1", promoted=True)
+    assert main(["train", "--resume", done, *home]) == 1
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+SECRET_SETTINGS = {
+    "api token too short": ({"VISIONLOOP_API_TOKEN": "Sh0rtSecret"},
+                            ["VISIONLOOP_API_TOKEN: must be at least 16 characters"]),
+    "predict token too short": ({"VISIONLOOP_PREDICT_TOKEN": "pS3cr"},
+                                ["VISIONLOOP_PREDICT_TOKEN: must be at least 8 characters"]),
+    "both token and file": ({"VISIONLOOP_API_TOKEN": "EnvSecretEnvSecret-1234",
+                             "VISIONLOOP_API_TOKEN_FILE": "file:FileSecretFileSecret-99"},
+                            ["VISIONLOOP_API_TOKEN and VISIONLOOP_API_TOKEN_FILE are both set"]),
+    "api token file too short": ({"VISIONLOOP_API_TOKEN_FILE": "file:FileSh0rt"},
+                                 ["VISIONLOOP_API_TOKEN_FILE:", "shorter than 16 characters"]),
+    "predict token file of two lines": (
+        {"VISIONLOOP_PREDICT_TOKEN_FILE": "file:LineOneSecret\nLineTwoSecret\n"},
+        ["VISIONLOOP_PREDICT_TOKEN_FILE:", "more than one line"]),
+    "ray token beside a bad port": ({"RAY_AUTH_TOKEN": "RayAuthSecretRayAuthSecret",
+                                     "VISIONLOOP_API_TOKEN": "ApiSecretApiSecretApiSecret",
+                                     "VISIONLOOP_PORT": "eighty"},
+                                    ["VISIONLOOP_PORT='eighty'"]),
+}
+
+
+@pytest.mark.parametrize("case", SECRET_SETTINGS)
+def test_an_invalid_setting_names_the_variable_never_the_secret(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`visionloop up` refuses before anything starts, naming each variable and its rule; no
+    secret (token, Ray token, a *_FILE's content) appears anywhere in what it prints."""
+    env, expected = SECRET_SETTINGS[case]
+    secrets = []
+    for name, value in env.items():
+        if value.startswith("file:"):
+            path = tmp_path / name.lower()
+            path.write_text(value[5:])
+            value = str(path)
+            secrets += [s for s in path.read_text().split() if s]
+        elif "TOKEN" in name:
+            secrets.append(value)
+        monkeypatch.setenv(name, value)
+    assert main(["up", "--home", str(tmp_path / "home")]) == 1
+    out = capsys.readouterr()
+    assert out.err.startswith("visionloop: invalid settings:"), out.err
+    for text in expected:
+        assert text in out.err, out.err
+    for secret in secrets:
+        assert secret not in out.err + out.out, (secret, out.err)
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("where", ["--token", "VISIONLOOP_API_TOKEN"])
+@pytest.mark.parametrize("secret", ["HeaderSecret\x1b[2JHeaderSecret", "HeaderSecret\nsecond",
+                                    "HeaderSecret-caf\u00e9"])
+def test_a_token_no_header_can_carry_is_named_not_shown(
+        where: str, secret: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--token", secret] if where == "--token" else []
+    if where != "--token":
+        monkeypatch.setenv(where, secret)
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["jobs", "--url", url, "--home", str(tmp_path), *flags]) == 1
+    err = capsys.readouterr().err
+    assert f"the token from {where} holds characters an HTTP header cannot carry" in err, err
+    assert "HeaderSecret" not in err
+
+
+# -- against the real service --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def service(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[RunningService]:
+    yield start_service(tmp_path_factory.mktemp("cli-home"))
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder that is not the volume, as the working directory, and no token or home in the
+    environment."""
+    for name in ("VISIONLOOP_API_TOKEN", "VISIONLOOP_API_TOKEN_FILE", "VISIONLOOP_HOME",
+                 "VISIONLOOP_URL"):
+        monkeypatch.delenv(name, raising=False)
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_the_token_is_found_from_another_folder_and_a_401_says_where_it_looked(
+        service: RunningService, elsewhere: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    url = ["--url", service.url]
+    local = elsewhere / "visionloop-data" / "secrets" / "api-token"
+    assert main(["jobs", *url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("visionloop: HTTP 401: missing bearer token"), err
+    assert "no API token was found: tried --token, VISIONLOOP_API_TOKEN and " \
+           "VISIONLOOP_API_TOKEN_FILE (none set)" in err
+    assert f"{local} (no such file)" in err and "--token" in err and "--home" in err
+
+    monkeypatch.setenv("VISIONLOOP_HOME", str(service.home))  # the service's volume
+    assert main(["jobs", *url]) == 0
+    assert main(["jobs", *url, "--home", str(service.home)]) == 0
+    monkeypatch.delenv("VISIONLOOP_HOME")
+
+    # VISIONLOOP_HOME without a token file: ./visionloop-data's is next.
+    monkeypatch.setenv("VISIONLOOP_HOME", str(tmp_path / "other-volume"))
+    local.parent.mkdir(parents=True)
+    local.write_text(service.token + "\n")
+    local.chmod(0o600)
+    assert main(["jobs", *url]) == 0
+    # An explicit --home is the only volume looked at.
+    capsys.readouterr()
+    assert main(["jobs", *url, "--home", str(tmp_path / "other-volume")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "other-volume" / "secrets" / "api-token") in err
+    assert str(local) not in err
+    monkeypatch.delenv("VISIONLOOP_HOME")
+
+    local.write_text("")  # unusable: passed over, and the 401 says why
+    assert main(["jobs", *url]) == 1
+    assert f"{local} (is empty)" in capsys.readouterr().err
+
+    assert main(["jobs", *url, "--token", "wrong-token-wrong-token"]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 401: wrong token" in err and "the token sent came from --token" in err
+    token_file = tmp_path / "token"
+    token_file.write_text(service.token)
+    monkeypatch.setenv("VISIONLOOP_API_TOKEN_FILE", str(token_file))
+    assert main(["jobs", *url]) == 0
+    assert service.token not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_classifies_what_it_can_and_reports_the_rest(
+        service: RunningService, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)  # the root's level, as VISIONLOOP_LOG_LEVEL sets it
+    good = [tmp_path / f"good{i}.png" for i in range(3)]
+    for i, path in enumerate(good):
+        path.write_bytes(noisy_image(i, (30, 200, 30)))
+    pdf = tmp_path / "a.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n1 0 obj << >> endobj\n%%EOF\n")
+    missing = tmp_path / "missing.jpg"
+    # What the CLI builds on: the API refuses a mixed batch whole, naming the file.
+    with service.client() as client:
+        r = client.post("/v1/predict", files=[("files", ("good0.png", good[0].read_bytes())),
+                                              ("files", ("a.pdf", pdf.read_bytes()))])
+    assert r.status_code == 415 and "a.pdf" in r.json()["error"]["message"]
+    caplog.clear()
+
+    args = [str(good[0]), str(pdf), str(missing), str(good[1]), str(good[2]),
+            "--url", service.url, "--home", str(service.home), "--batch", "2"]
+    assert main(["predict", *args]) == 1
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].startswith("model v0")
+    assert [line.split(":")[0] for line in lines[1:]] == [str(p) for p in good]
+    assert f"{pdf}: HTTP 415: " in out.err and "a.pdf: a.pdf" not in out.err
+    assert f"{missing}: cannot read it (No such file or directory)" in out.err
+    assert "visionloop: 2 of 5 file(s) could not be classified" in out.err
+    assert not [r for r in caplog.records if r.name.startswith("httpx")]  # quiet by default
+
+    assert main(["predict", *map(str, good), "--url", service.url, "--home",
+                 str(service.home), "-v"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert [r for r in caplog.records if r.name == "httpx"]  # -v: each request's line
+
+
+@pytest.mark.slow
+def test_label_uploads_label_folders_and_skips_loose_files(
+        service: RunningService, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tree = make_tree(tmp_path / "tree")
+    (tree / "loose.png").write_bytes(noisy_image(77, (1, 2, 3)))
+    assert main(["label", str(tree), "--url", service.url, "--home", str(service.home)]) == 0
+    out = capsys.readouterr()
+    assert "skipped 2" in out.out  # notes.txt (not an image) and loose.png
+    assert f"skipped {tree / 'loose.png'}: not in a label folder" in out.err
+
+
+@pytest.mark.slow
+def test_jobs_lists_and_cancel_cancels(service: RunningService, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Job records as the controller writes them on the service's volume: a queued job (no
+    thread runs it, so a cancel ends it at once) and a finished one."""
+    from training.jobs import JobStore
+
+    jobs = JobStore(service.home)
+    http = ["--url", service.url, "--home", str(service.home)]
+    queued = jobs.create(TrainConfig().model_dump(), "api")["job_id"]
+    done = jobs.create(TrainConfig().model_dump(), "schedule")["job_id"]
+    long_reason = "not promoted: " + "the candidate did not beat the baseline " * 4
+    jobs.finish(done, "succeeded", long_reason, version="v1", promoted=False)
+    assert main(["jobs", *http]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["JOB", "STATUS", "SOURCE", "STARTED", "VERSION", "PROMOTED",
+                              "REASON"]
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert rows[queued].split()[1:3] == ["queued", "api"]
+    assert rows[done].split()[1:3] == ["succeeded", "schedule"]
+    assert " v1 " in rows[done] and " false " in rows[done]
+    assert rows[done].endswith("...") and long_reason not in rows[done]
+
+    assert main(["cancel", queued, *http]) == 0
+    assert capsys.readouterr().out == f"job {queued}: cancelled\n"
+    assert jobs.get(queued)["status"] == "cancelled"
+    assert main(["cancel", done, *http]) == 1
+    assert "had already ended (succeeded); nothing to cancel" in capsys.readouterr().err
+    assert main(["cancel", "20990101-000000-ffffff", *http]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+    assert main(["jobs", *http, "--reason-width", "200"]) == 0
+    assert long_reason.strip() in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_activate_pin_and_unpin_show_the_policy(service: RunningService,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    http = ["--url", service.url, "--home", str(service.home)]
+    volume = ["--home", str(service.home)]
+    assert main(["unpin", *http]) == 0
+    assert capsys.readouterr().out.startswith("policy: automatic")
+    assert main(["models", *volume]) == 0
+    assert "policy: automatic" in capsys.readouterr().out
+    assert main(["activate", "v0", *http]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("current: v0 (replicas: v0)") and "policy: pinned to v0" in out
+    assert main(["models", *volume]) == 0
+    out = capsys.readouterr().out
+    assert "policy: pinned to v0" in out and "by api" in out and "visionloop unpin" in out
+    assert main(["activate", "v0", "--no-pin", *http]) == 0
+    assert "policy: automatic" in capsys.readouterr().out
+    assert main(["pin", *http]) == 0
+    assert capsys.readouterr().out.startswith("policy: pinned to v0")
+    assert main(["unpin", *http]) == 0
+    assert main(["activate", "v9", *http]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_resume_continues_a_cancelled_job_from_its_checkpoint(
+        ray_cluster: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real job started by `visionloop train` (on this module's Ray cluster), cancelled once
+    a checkpoint is committed, then `visionloop train --resume ID`: it continues from that
+    epoch under the same id, with the job's own configuration, and succeeds."""
+    import threading
+
+    from tests.support.images import labelled_set
+    from training.dataset import DatasetStore
+    from training.jobs import JobStore
+    from training.pipeline import latest_checkpoint_epoch, run_dir
+
+    store = DatasetStore(tmp_path)
+    for label, data in labelled_set(["red", "blue"], 12):
+        store.ingest(data, label)
+    epochs = 6
+    home = ["--home", str(tmp_path)]
+    flags = ["--backbone", BACKBONE, "--strategy", "finetune", "--epochs", str(epochs),
+             "--workers", "1", "--batch-size", "4", "--image-size", "64", "--lr", "0.05",
+             "--threads", "1", "--max-failures", "0", "--gate-min-error-reduction", "0"]
+    first: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: first.update(rc=main(["train", *flags, *home])))
+    thread.start()
+    jobs = JobStore(tmp_path)
+
+    def checkpointed() -> str | None:
+        assert thread.is_alive(), "the job ended before it could be cancelled"
+        for record in jobs.list():
+            epoch = latest_checkpoint_epoch(run_dir(tmp_path, record["job_id"]))
+            if epoch is not None and epoch < epochs - 1:
+                return str(record["job_id"])
+        return None
+
+    job_id = wait_for(checkpointed, timeout=400, interval=0.05, what="a committed checkpoint")
+    jobs.request_cancel(job_id)  # what DELETE /v1/train/{id} does
+    thread.join(300)
+    assert first["rc"] == 1 and jobs.get(job_id)["status"] == "cancelled"
+    epoch = latest_checkpoint_epoch(run_dir(tmp_path, job_id))
+    capsys.readouterr()
+
+    assert main(["train", "--resume", job_id, *home]) == 0
+    out = capsys.readouterr().out
+    assert f"training job {job_id} resumed from its checkpoint of epoch {epoch}" in out
+    assert "v1: " in out
+    record = jobs.get(job_id)
+    assert record["status"] == "succeeded" and record["resumed_from_epoch"] == epoch
+    assert [m["epoch"] for m in record["metrics"]] == list(range(1, epochs + 1))
+    assert [(r["source"], r["from_epoch"]) for r in record["resumes"]] == [("cli", epoch)]

@@ -27,7 +27,7 @@ from service.security import (
     API_TOKEN_MIN_LENGTH,
     TokenFileError,
     ensure_api_token,
-    read_token_file,
+    find_client_token,
     token_path,
 )
 from service.settings import load_settings
@@ -43,7 +43,7 @@ def test_generated_once_0600_and_kept(tmp_path: Path) -> None:
     assert len(token) >= API_TOKEN_MIN_LENGTH
     assert mode(path) == 0o600 and mode(path.parent) == 0o700
     assert ensure_api_token(tmp_path, None) == (token, path)
-    assert read_token_file(tmp_path) == token
+    assert find_client_token(None, "--token", [tmp_path]).token == token
     assert sorted(p.name for p in path.parent.iterdir()) == ["api-token"]  # no temp file left
 
 
@@ -142,7 +142,9 @@ def test_an_unusable_token_file_stops_the_start_naming_it(tmp_path: Path, kind: 
         prepare_home(load_settings(home=tmp_path))
     assert not (tmp_path / "models").exists()
     assert (path.read_bytes() if path.is_file() else None) == before
-    assert read_token_file(tmp_path) is None  # a client finds no token to send
+    client = find_client_token(None, "--token", [tmp_path])  # a client finds none to send
+    assert client.token is None and BAD_FILES[kind] in client.hint(), client.hint()
+    assert str(path) in client.hint() and SECRET not in client.hint()
 
 
 def test_visionloop_up_refuses_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
