@@ -22,10 +22,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is built or walked, not at import: the
+    import torch  # CLI and the settings import this module for its names and checks, and
+    from torch import nn  # importing torch costs seconds
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def build_model(name: str, num_classes: int | None = None, pretrained: bool = Tr
 
 
 def _build_lite0(pretrained: bool) -> nn.Module:
+    import torch
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
@@ -151,6 +153,8 @@ def imagenet_categories() -> list[str]:
 
 def head_name(model: nn.Module) -> str:
     """Dotted name of the last nn.Linear: the classification head."""
+    from torch import nn
+
     name = None
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear):
@@ -161,6 +165,8 @@ def head_name(model: nn.Module) -> str:
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:
+    from torch import nn
+
     name = head_name(model)
     old = model.get_submodule(name)
     assert isinstance(old, nn.Linear)
@@ -170,6 +176,8 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:
 
 
 def head_module(model: nn.Module) -> nn.Linear:
+    from torch import nn
+
     m = model.get_submodule(head_name(model))
     assert isinstance(m, nn.Linear)
     return m
@@ -181,6 +189,8 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     Works on a deep copy; `model` is unchanged."""
     import copy
 
+    from torch import nn
+
     name = head_name(model)
     extractor = copy.deepcopy(model)
     head = extractor.get_submodule(name)
@@ -190,6 +200,7 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 
 
 def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
+
     parent_name, _, child = dotted.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -197,6 +208,8 @@ def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
 
 def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Backbone stages in forward order (see module docstring), head excluded."""
+    from torch import nn
+
     head = head_name(model)
 
     def has_params(m: nn.Module) -> bool:
@@ -235,6 +248,7 @@ def apply_strategy(model: nn.Module, strategy: str, unfreeze_stages: int = 1
     last `unfreeze_stages` stages and the head trained. Parameters outside the head that belong
     to no stage (e.g. a classifier's hidden layers) train with finetune only.
     """
+
     check_strategy(strategy)
     head = head_module(model)
     head_ids = {id(p) for p in head.parameters()}
@@ -257,6 +271,7 @@ def apply_strategy(model: nn.Module, strategy: str, unfreeze_stages: int = 1
 def set_train_mode(model: nn.Module) -> None:
     """model.train(), except modules whose parameters are all frozen stay in eval mode, so
     frozen BatchNorm layers keep their statistics (features stay a pure function of the image)."""
+
     model.train()
     for m in model.modules():
         params = list(m.parameters(recurse=False))
