@@ -2,6 +2,8 @@
 
     predict_dir(home, "photos/", "preds.jsonl", workers=2)    # or preds.csv
 
+(`visionloop predict-dir` calls it; `training.batch_jobs` runs it as a job for the API.)
+
 Flow: the driver lists the folder's files (recursively, hidden ones skipped), drops those the
 output already answers (resume), and hands the rest as paths to `ray.data.from_items`;
 `map_batches(VersionPredictor, compute=ActorPoolStrategy(size=workers))` runs a fixed pool of
@@ -168,9 +170,13 @@ class VersionPredictor:
 
 # -- the folder and the output file ---------------------------------------------------------------
 
-def list_files(folder: Path, exclude: Path | None = None) -> list[str]:
+def list_files(folder: Path, exclude: Path | None = None, confine: Path | None = None
+               ) -> list[str]:
     """Every regular file under `folder` (recursively; names starting with '.' and what is
-    under such folders skipped; `exclude` left out), as sorted POSIX paths relative to it."""
+    under such folders skipped; `exclude` left out; with `confine`, a file whose real path is
+    outside that folder, a symlink out, left out too), as sorted POSIX paths relative to
+    `folder`."""
+    root = confine.resolve() if confine is not None else None
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -179,6 +185,9 @@ def list_files(folder: Path, exclude: Path | None = None) -> list[str]:
                 continue
             path = Path(dirpath) / name
             if exclude is not None and path.resolve() == exclude:
+                continue
+            if root is not None and not path.resolve().is_relative_to(root):
+                log.warning("%s: a link out of %s, left out", path, root)
                 continue
             if path.is_file():
                 out.append(path.relative_to(folder).as_posix())
@@ -241,6 +250,61 @@ def read_done(out: Path, fmt: str) -> tuple[set[str], set[str]]:
                                       f"({type(exc).__name__}: {exc}); choose another --out"
                                       ) from None
     return done, versions
+
+
+def whole_lines(out: Path, chunk_bytes: int = 1 << 16) -> Iterator[bytes]:
+    """The bytes of `out` up to its last newline as it is now, in chunks: what a reader may
+    take of a file a run is still appending to (a line being written is left out)."""
+    if not out.exists():
+        return
+    with open(out, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        held = b""
+        while end > 0:
+            data = f.read(min(chunk_bytes, end))
+            if not data:
+                break
+            end -= len(data)
+            data = held + data
+            nl = data.rfind(b"\n")
+            held = data[nl + 1:]
+            if nl >= 0:
+                yield data[:nl + 1]
+
+
+@dataclass
+class OutputCounts:
+    """The whole lines of an output: `lines` records, of which `errors` are error lines
+    (`error_codes`: how many of each code)."""
+
+    lines: int = 0
+    errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def predicted(self) -> int:
+        return self.lines - self.errors
+
+
+def count_output(out: Path, fmt: str) -> OutputCounts:
+    """Count the records of an output (whole lines only; the file is not changed)."""
+    counts = OutputCounts()
+    lines = (line for chunk in whole_lines(out)  # each chunk ends a line: decoded alone
+             for line in chunk.decode("utf-8", errors="replace").splitlines(keepends=True))
+    if fmt == "csv":
+        rows: Iterator[dict[str, Any]] = csv.DictReader(lines)
+        errors: Iterator[Any] = (json.loads(r["error"]) if r.get("error") else None
+                                 for r in rows)
+    else:
+        errors = (json.loads(line).get("error") for line in lines if line.strip())
+    for error in errors:
+        counts.lines += 1
+        if error:
+            counts.errors += 1
+            code = str(error.get("code", "error"))
+            counts.error_codes[code] = counts.error_codes.get(code, 0) + 1
+    return counts
 
 
 def _csv_line(record: dict[str, Any]) -> str:
@@ -307,12 +371,17 @@ def predict_dir(home: Path | str, folder: Path | str, out: Path | str,
                 top_k: int = DEFAULT_TOP_K, threads: int = 1,
                 max_pixels: int = DEFAULT_MAX_PIXELS,
                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, progress: bool = True,
-                on_batch: Callable[[int], None] | None = None) -> BatchReport:
+                on_start: Callable[[BatchReport], None] | None = None,
+                on_batch: Callable[[int], None] | None = None,
+                confine: Path | None = None) -> BatchReport:
     """Classify every file under `folder` with `version` (default: CURRENT) into `out`
     (.jsonl or .csv), on `workers` Ray Data actors (default: every CPU of the cluster, or
     every GPU with `gpu`). Ray must be initialised by the caller, or a local cluster is
-    started. `threads`: torch (and ONNX Runtime) threads per actor. `on_batch(n)`: called
-    after each batch of n lines is on disk. -> BatchReport.
+    started. `threads`: torch (and ONNX Runtime) threads per actor. `on_start(report)`: called
+    once the folder is listed and the output read (`files`, `skipped`, `version` set), before
+    any Ray work; `on_batch(n)`: called after each batch of n lines is on disk; either may
+    raise to stop the run (the lines on disk stay whole). `confine`: files whose real path
+    (symlinks followed) is outside it are left out (`list_files`). -> BatchReport.
 
     Raises InvalidBatchRequest (400: no such folder, bad extension or numbers, an `out` that
     is not a predict-dir output), VersionNotFound (404), NoCurrentVersion (409),
@@ -337,10 +406,12 @@ def predict_dir(home: Path | str, folder: Path | str, out: Path | str,
         raise OutputVersionMismatch(
             f"{out.name} was started with model {sorted(versions)[0]}, not {resolved}: pass "
             f"version {sorted(versions)[0]!r} to finish it, or write to another file")
-    files = list_files(folder, exclude=out)
+    files = list_files(folder, exclude=out, confine=confine)
     todo = [p for p in files if p not in done]
     report = BatchReport(out=out, version=resolved, files=len(files),
                          skipped=len(files) - len(todo))
+    if on_start is not None:
+        on_start(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = OutputWriter(out, fmt)
     try:

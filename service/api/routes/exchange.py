@@ -14,18 +14,33 @@
   request for a version without a published file exports and checks it; later ones are read
   from the volume's cache).
 
-Batch prediction over a folder (`visionloop predict-dir`) is not offered as an API job: the
-folder would have to be on the server's volume, and the CLI runs it on the cluster already.
+- Batch prediction over a folder (`visionloop predict-dir`) as a job (`training.batch_jobs`
+  says where the folder comes from, how the job runs and where its state is; API token):
+  `POST /v1/predict-dir` {"folder": a folder under `<VISIONLOOP_HOME>/inbox/`, "version"
+  (default CURRENT, resolved now), "format": "jsonl" | "csv", "workers" (default every CPU)}
+  -> 202, the record (`job_id`, `status` queued); 400 `invalid_batch_folder` (absolute, `..`,
+  a symlink out of inbox/, a file), 404 `batch_folder_not_found`, 404 `version_not_found`,
+  409 `no_current_version`, 409 `batch_job_running` (naming the job: one at a time per
+  volume, independent of training), 503 `batch_unavailable` (no Ray cluster).
+  `GET /v1/predict-dir` (records, newest first), `GET /v1/predict-dir/{job_id}` (status,
+  `progress` {lines, files}, counts, images/s, error), `GET /v1/predict-dir/{job_id}/output`
+  (the output's whole lines so far, streamed; `X-Job-Status`), `DELETE
+  /v1/predict-dir/{job_id}` (202: cancel; the record, `cancel_requested` while it stops), `POST
+  /v1/predict-dir/{job_id}/resume` (202: rerun into the same output, paths with a line
+  skipped; 409 while a job is active). An unknown or malformed id is 404
+  `batch_job_not_found`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +48,10 @@ from service import schemas
 from service.api.deps import ApiToken, PredictToken, RegistryDep, SettingsDep, StoreDep
 from service.api.errors import BadRequest, TooManyFiles, UnsupportedMediaType
 from service.api.uploads import FORM_TYPES, check_count, content_type, probe
+from service.settings import Settings
+from training import batch_jobs
+from training.batch import resolve_version, whole_lines
+from training.batch_jobs import BatchJobStore, resolve_inbox_folder
 from training.exchange import (
     FileResult,
     InvalidImport,
@@ -191,3 +210,101 @@ async def model_pt2(version: str, registry: RegistryDep) -> FileResponse:
     path, record = await asyncio.to_thread(pt2_file, registry, version)
     return FileResponse(path, media_type="application/octet-stream",
                         filename=f"visionloop-{version}.pt2", headers=_check_headers(record))
+
+
+# -- batch prediction jobs ------------------------------------------------------------------------
+
+class PredictDirCreate(BaseModel):
+    """The body of `POST /v1/predict-dir`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str = Field(..., min_length=1, max_length=1024,
+                        description="a folder under <VISIONLOOP_HOME>/inbox/, e.g. shipment-42")
+    version: str | None = Field(None, max_length=128,
+                                description="the model version (default: CURRENT)")
+    format: Literal["jsonl", "csv"] = "jsonl"
+    workers: int | None = Field(None, ge=1, le=1024,
+                                description="Ray Data actors (default: every CPU)")
+
+
+_JOB_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorPublic} for code in (400, 404, 409, 503)}
+_MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+
+
+def _batch_store(settings: Settings) -> BatchJobStore:
+    return BatchJobStore(settings.home)
+
+
+@router.post("/v1/predict-dir", status_code=202, dependencies=[ApiToken],
+             responses=_JOB_ERRORS)
+async def start_predict_dir(body: PredictDirCreate, settings: SettingsDep,
+                            registry: RegistryDep) -> dict[str, Any]:
+    """Start a batch job over a folder of the volume's inbox/ (202, its `queued` record)."""
+    store = _batch_store(settings)
+
+    def start() -> dict[str, Any]:
+        resolve_inbox_folder(store.home, body.folder)
+        version = resolve_version(registry, body.version)
+        record = store.create(PurePosixPath(body.folder).as_posix(), body.format, version,
+                              body.workers, max_pixels=settings.max_pixels)
+        batch_jobs.launch(store.home, record)
+        return record
+    return await asyncio.to_thread(start)
+
+
+@router.get("/v1/predict-dir", dependencies=[ApiToken])
+async def list_predict_dir(settings: SettingsDep, limit: int = Query(100, ge=1, le=10_000)
+                           ) -> dict[str, Any]:
+    """Every batch job record, newest first (interrupted ones marked first)."""
+    return {"jobs": await asyncio.to_thread(_batch_store(settings).views, limit)}
+
+
+@router.get("/v1/predict-dir/{job_id}", dependencies=[ApiToken],
+            responses={404: {"model": schemas.ErrorPublic}})
+async def get_predict_dir(job_id: str, settings: SettingsDep) -> dict[str, Any]:
+    """One job: status, `progress` {lines, files}, counts, images/s, error."""
+    return await asyncio.to_thread(_batch_store(settings).view, job_id)
+
+
+@router.get("/v1/predict-dir/{job_id}/output", response_class=StreamingResponse,
+            dependencies=[ApiToken],
+            responses={404: {"model": schemas.ErrorPublic},
+                       200: {"content": {"application/x-ndjson": {}, "text/csv": {}},
+                             "description": "the output's whole lines so far"}})
+async def predict_dir_output(job_id: str, settings: SettingsDep) -> StreamingResponse:
+    """The job's output, streamed: every whole line written so far (also while it runs)."""
+    store = _batch_store(settings)
+    record = await asyncio.to_thread(store.view, job_id)
+    fmt = record["format"]
+    return StreamingResponse(
+        whole_lines(store.output_path(record)), media_type=_MEDIA[fmt],
+        headers={"Content-Disposition":
+                 f'attachment; filename="predictions-{job_id}.{fmt}"',
+                 "X-Job-Status": record["status"], "Cache-Control": "no-store"})
+
+
+@router.delete("/v1/predict-dir/{job_id}", status_code=202, dependencies=[ApiToken],
+               responses={404: {"model": schemas.ErrorPublic}})
+async def cancel_predict_dir(job_id: str, settings: SettingsDep) -> dict[str, Any]:
+    """Cancel: a queued job at once, a running one at its next batch (`cancel_requested`)."""
+    return await asyncio.to_thread(_batch_store(settings).request_cancel, job_id)
+
+
+@router.post("/v1/predict-dir/{job_id}/resume", status_code=202, dependencies=[ApiToken],
+             responses=_JOB_ERRORS)
+async def resume_predict_dir(job_id: str, settings: SettingsDep, registry: RegistryDep
+                             ) -> dict[str, Any]:
+    """Rerun a finished job into its output: paths that have a line are skipped. Its folder
+    and its version must still be there (404)."""
+    store = _batch_store(settings)
+
+    def resume() -> dict[str, Any]:
+        record = store.view(job_id)
+        resolve_inbox_folder(store.home, record["folder"])
+        resolve_version(registry, record["version"])
+        record = store.begin_resume(job_id)
+        batch_jobs.launch(store.home, record)
+        return record
+    return await asyncio.to_thread(resume)
