@@ -11,6 +11,14 @@ names the version that computed it. A version that fails to load or check is log
 (`reload_failures`) and remembered, and the old model keeps serving; it is retried only when
 CURRENT changes again or `sync(force=True)` is called.
 
+Scores are calibrated: each version's logits are divided by its manifest's temperature
+(`training.calibration`; 1.0 for v0 and older versions) before the softmax, and each answer
+carries the version's confidence threshold, below which the API answers `unknown`.
+
+Trial (`Registry.trial`, `sync_trial`): a version tried beside the served one, in shadow mode
+(it also classifies a share of the requests, answers none) or canary mode (it answers a share
+of them); see `predict_requests`.
+
 Other versions (`predict_bytes(..., version="v3")`, `POST /v1/predict?version=v3`): the
 replica loads a named version itself (no second Serve hop, no other deployment), checked like a
 reload, and keeps at most `other_versions` of them (default `OTHER_VERSIONS`, 2) besides the
@@ -29,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import random
 import threading
 import typing
 from collections import OrderedDict
@@ -40,6 +49,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from training.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from training.errors import DomainError
 from training.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from training.registry import InvalidVersion, LoadedModel, Registry
@@ -49,6 +59,10 @@ log = logging.getLogger(__name__)
 # Non-current versions one classifier keeps loaded (LRU): two is enough to compare a candidate
 # with the version before it while a third model's memory is never held.
 OTHER_VERSIONS = 2
+
+# The label of an answer whose score is below its threshold (`Prediction.is_unknown`); the
+# answer's `unknown` field says so, so a class that happens to be named "unknown" stays distinct.
+UNKNOWN = "unknown"
 
 # One request for `predict_requests`: (image bytes, top_k, version or None for the served one).
 Request = tuple[bytes, int, str | None]
@@ -67,12 +81,20 @@ class ModelCheckFailed(InvalidVersion):
 @dataclass(frozen=True)
 class Prediction:
     """One image's answer: the version that computed it and its top-k (label, score), best
-    first; scores are softmax probabilities in [0, 1]; `batch_size`: how many images were
-    classified in the same forward pass."""
+    first; scores are calibrated softmax probabilities in [0, 1] (`temperature`);
+    `batch_size`: how many images were classified in the same forward pass; `threshold`: the
+    version's confidence threshold (`version_threshold`)."""
 
     version: str
     top_k: list[tuple[str, float]]
     batch_size: int = 1
+    threshold: float = 0.0
+    shadow: Prediction | None = None  # the shadow version's answer, never shown to the caller
+
+    def is_unknown(self, min_score: float | None = None) -> bool:
+        """Whether the best score is below `min_score` (the request's), else below the
+        version's threshold: the answer is then `UNKNOWN`, its top-k still given."""
+        return self.score < (self.threshold if min_score is None else min_score)
 
     @property
     def label(self) -> str:
@@ -81,6 +103,23 @@ class Prediction:
     @property
     def score(self) -> float:
         return self.top_k[0][1]
+
+
+def temperature(manifest: dict[str, Any]) -> float:
+    """The version's calibration temperature (`training.calibration`): 1.0 for a version
+    published without one (v0, older versions), and clamped to the fitted range, so a
+    hand-edited manifest cannot divide by zero."""
+    t = (manifest.get("calibration") or {}).get("temperature")
+    if not isinstance(t, int | float) or not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+        return 1.0
+    return float(t)
+
+
+def version_threshold(manifest: dict[str, Any]) -> float:
+    """The version's confidence threshold chosen at publish; 0.0 (nothing is unknown) for a
+    version without one."""
+    t = (manifest.get("threshold") or {}).get("threshold")
+    return float(t) if isinstance(t, int | float) and 0.0 <= t <= 1.0 else 0.0
 
 
 class Classifier:
@@ -105,6 +144,9 @@ class Classifier:
         self._others: OrderedDict[str, LoadedModel] = OrderedDict()
         self._others_lock = threading.Lock()  # guards `_others` (held for dict operations only)
         self._loading_lock = threading.Lock()  # one load of another version at a time
+        self._trial: dict[str, Any] | None = None
+        self.trial_error: str | None = None
+        self._random = random.Random()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -124,9 +166,12 @@ class Classifier:
         recently used first."""
         with self._others_lock:
             others = list(self._others)
+        trial = self._trial
         return {"version": self.version, "reload_failures": self.reload_failures,
                 "last_error": self.last_error, "failed_version": self._failed_version,
-                "other_versions": others}
+                "other_versions": others,
+                "trial": {k: trial[k] for k in ("version", "mode", "share")} if trial else None,
+                "trial_error": self.trial_error}
 
     def model_for(self, version: str | None) -> LoadedModel:
         """The model that answers for `version`: the served one for None or its own name;
@@ -169,10 +214,41 @@ class Classifier:
 
     # -- reload --------------------------------------------------------------------------------
     def sync(self, force: bool = False) -> str | None:
-        """Serve the version CURRENT names, if it is not served already. -> the served version.
+        """Serve the version CURRENT names, if it is not served already, and follow the trial
+        (`sync_trial`). -> the served version.
 
         Safe to call from several threads; one load runs at a time, the others wait for it.
         """
+        try:
+            return self._sync_current(force)
+        finally:
+            self.sync_trial()
+
+    def sync_trial(self) -> dict[str, Any] | None:
+        """Follow `models/TRIAL` (`Registry.trial`): the version on trial is loaded and checked
+        here (the reload poll or a broadcast, never a request) into the cache of other
+        versions, and only then used; one that cannot be loaded is no trial for this replica
+        (`trial_error` says why), so requests never wait for it or fail because of it. A trial
+        of the served version itself (it was activated) is no trial. -> the trial followed."""
+        trial = self.registry.trial()
+        if trial is None or trial["version"] == self.version:
+            self._trial, self.trial_error = None, None
+            return None
+        if self._trial == trial:
+            return trial
+        try:
+            self.model_for(trial["version"])
+        except DomainError as exc:
+            self._trial, self.trial_error = None, f"{trial['version']}: {exc}"
+            log.error("trial version %s cannot be loaded; not trying it: %s",
+                      trial["version"], exc)
+            return None
+        self._trial, self.trial_error = trial, None
+        log.info("trying %s in %s mode on %.0f%% of requests", trial["version"], trial["mode"],
+                 float(trial["share"]) * 100)
+        return trial
+
+    def _sync_current(self, force: bool) -> str | None:
         with self._sync_lock:
             wanted = self.registry.current()
             if wanted is None or wanted == self.version:
@@ -239,14 +315,17 @@ class Classifier:
         ks = [top_k] * len(images) if isinstance(top_k, int) else list(top_k)
         batch = torch.stack([loaded.preset(img) for img in images]).to(self.device)
         with torch.inference_mode():
-            probs = torch.softmax(loaded.model(batch).float(), dim=1)
+            probs = torch.softmax(loaded.model(batch).float() / temperature(loaded.manifest),
+                                  dim=1)
+        threshold = version_threshold(loaded.manifest)
         k_max = min(max(ks), len(loaded.classes))
         scores, indices = probs.topk(k_max, dim=1)
         out = []
         for row_scores, row_idx, k in zip(scores.tolist(), indices.tolist(), ks, strict=True):
             pairs = [(loaded.classes[i], float(s)) for i, s in zip(row_idx, row_scores,
                                                                     strict=True)]
-            out.append(Prediction(loaded.version, pairs[:max(1, min(k, k_max))]))
+            out.append(Prediction(loaded.version, pairs[:max(1, min(k, k_max))],
+                                  threshold=threshold))
         return out
 
     def predict_bytes(self, items: Sequence[tuple[bytes, int]], version: str | None = None
@@ -278,7 +357,50 @@ class Classifier:
         """(bytes, top_k, version) requests (a `@serve.batch` batch) -> per request its
         Prediction or the DomainError that refused it, never raised: requests are grouped by
         version and each group is one forward pass (batched per version), so a refused image
-        or an unknown version fails only its own requests."""
+        or an unknown version fails only its own requests.
+
+        The trial (`sync_trial`) applies to requests that name no version, each drawn
+        independently with probability `share`: in canary mode the drawn ones are answered by
+        the trial version (their Prediction names it); in shadow mode they are answered by the
+        served version as usual, and the trial version also classifies them, in one more
+        forward pass of this batch, its answer attached as `Prediction.shadow` (kept for
+        agreement and feedback accuracy, never returned to the caller). A canary whose model
+        fails (removed meanwhile) is answered by the served version instead; a shadow that
+        fails only loses its shadow answer."""
+        trial = self._trial
+        canary = shadowed = None
+        routed = list(requests)
+        drawn: list[int] = []
+        if trial is not None:
+            drawn = [i for i, (_, _, v) in enumerate(requests)
+                     if v is None and self._random.random() < float(trial["share"])]
+            if trial["mode"] == "canary":
+                canary = trial["version"]
+                for i in drawn:
+                    routed[i] = (requests[i][0], requests[i][1], canary)
+            else:
+                shadowed = trial["version"]
+        results = self._answer(routed)
+        if canary is not None:
+            failed = [i for i in drawn if not isinstance(results[i], Prediction)
+                      and not isinstance(results[i], ImageError)]
+            for i, answer in zip(failed, self._answer([requests[i] for i in failed]),
+                                 strict=True):
+                results[i] = answer
+        if shadowed is not None:
+            kept = [i for i in drawn if isinstance(results[i], Prediction)]
+            try:
+                shadows = self.predict_bytes([(requests[i][0], 1) for i in kept], shadowed)
+            except DomainError as exc:
+                log.warning("shadow %s failed: %s", shadowed, exc)
+                shadows = []
+            for i, shadow in zip(kept, shadows, strict=False):
+                answer = results[i]
+                if isinstance(shadow, Prediction) and isinstance(answer, Prediction):
+                    results[i] = dataclasses.replace(answer, shadow=shadow)
+        return results
+
+    def _answer(self, requests: Sequence[Request]) -> list[Prediction | DomainError]:
         results: list[Prediction | DomainError | None] = [None] * len(requests)
         groups: dict[str | None, list[int]] = {}
         for i, (_, _, version) in enumerate(requests):

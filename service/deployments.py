@@ -78,7 +78,7 @@ class IngressDeployment:
                                      max_pixels=settings.max_pixels,
                                      threads=settings.classifier_threads)
         self.classifier.sync()
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings)
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         batched: Any = self._predict_batch
         batched.set_max_batch_size(settings.max_batch_size)

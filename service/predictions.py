@@ -60,7 +60,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -80,7 +80,9 @@ _LEGACY_TMP = re.compile(r"^\.[0-9a-f]{32}\.(json|jpg|jpeg|png|webp)\.tmp$")
 _IMAGE_FILE = re.compile(r"^([0-9a-f]{64})\.(jpg|png|webp)$")
 
 MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-SCHEMA_VERSION = 1
+# 2: `predictions.unknown` (answered `unknown`; first in the review queue), added to a version-1
+# index by `_create_schema`; the `shadow` table (a shadow version's answer to a prediction).
+SCHEMA_VERSION = 2
 # What a row costs beyond its variable-length fields (ids, numbers, index entries): an estimate,
 # only so that rows count against `max_bytes` at all.
 ROW_OVERHEAD_BYTES = 256
@@ -111,8 +113,15 @@ _SCHEMA = (
         prediction_id TEXT PRIMARY KEY, created_at REAL NOT NULL, model_version TEXT NOT NULL,
         label TEXT NOT NULL, score REAL NOT NULL, margin REAL NOT NULL, entropy REAL NOT NULL,
         top_k TEXT NOT NULL, filename TEXT, sha256 TEXT, state TEXT NOT NULL, reason TEXT,
-        reviewed_at REAL, size INTEGER NOT NULL)""",
+        reviewed_at REAL, size INTEGER NOT NULL, unknown INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS shadow (
+        prediction_id TEXT PRIMARY KEY, version TEXT NOT NULL, label TEXT NOT NULL,
+        score REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS shadow_version ON shadow (version)",
+    """CREATE TRIGGER IF NOT EXISTS shadow_removed AFTER DELETE ON predictions BEGIN
+        DELETE FROM shadow WHERE prediction_id = OLD.prediction_id; END""",
     "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created_at)",
+    "CREATE INDEX IF NOT EXISTS predictions_version ON predictions (model_version, created_at)",
     "CREATE INDEX IF NOT EXISTS predictions_sha256 ON predictions (sha256)",
     "CREATE INDEX IF NOT EXISTS predictions_queue ON predictions (state, label, score)",
     "CREATE INDEX IF NOT EXISTS predictions_eviction ON predictions "
@@ -133,7 +142,7 @@ _SCHEMA = (
 )
 
 _COLUMNS = ("prediction_id, created_at, model_version, label, score, margin, entropy, top_k, "
-            "filename, sha256, state, reason, reviewed_at")
+            "filename, sha256, state, reason, reviewed_at, unknown")
 
 
 class PredictionNotFound(DomainError, LookupError):
@@ -318,6 +327,10 @@ class PredictionStore:
         with self._write() as db:
             for statement in _SCHEMA:  # not executescript: it would commit our transaction
                 db.execute(statement)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(predictions)")}
+            if "unknown" not in columns:  # a version-1 index: every old answer was known
+                db.execute("ALTER TABLE predictions ADD COLUMN unknown INTEGER NOT NULL "
+                           "DEFAULT 0")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- writing -----------------------------------------------------------------------------
@@ -384,7 +397,8 @@ class PredictionStore:
                 + len(filename or ""))
         return {"prediction_id": prediction_id, "created_at": created_at,
                 "model_version": version, "label": label, "score": score, "margin": margin,
-                "entropy": entropy, "top_k": top_k_json, "filename": filename, "size": size}
+                "entropy": entropy, "top_k": top_k_json, "filename": filename, "size": size,
+                "unknown": int(bool(record.get("unknown"))), "shadow": record.get("shadow")}
 
     def _image_known(self, sha: str) -> bool:
         try:
@@ -421,9 +435,17 @@ class PredictionStore:
             tmp.unlink(missing_ok=True)
         db.execute(
             "INSERT OR IGNORE INTO predictions (prediction_id, created_at, model_version, label, "
-            "score, margin, entropy, top_k, filename, sha256, state, size) VALUES "
+            "score, margin, entropy, top_k, filename, sha256, state, size, unknown) VALUES "
             "(:prediction_id, :created_at, :model_version, :label, :score, :margin, :entropy, "
-            ":top_k, :filename, :sha256, 'pending', :size)", {**row, "sha256": sha})
+            ":top_k, :filename, :sha256, 'pending', :size, :unknown)", {**row, "sha256": sha})
+        self._insert_shadow(db, row)
+
+    def _insert_shadow(self, db: sqlite3.Connection, row: dict[str, Any]) -> None:
+        shadow = row.get("shadow")
+        if shadow:
+            db.execute("INSERT OR IGNORE INTO shadow (prediction_id, version, label, score) "
+                       "VALUES (?, ?, ?, ?)", (row["prediction_id"], str(shadow["version"]),
+                                               str(shadow["label"]), float(shadow["score"])))
 
     def _not_stored(self, row: dict[str, Any], reason: Kept) -> Kept:
         """Remember that this prediction was answered but not kept, and why (a row without an
@@ -434,10 +456,12 @@ class PredictionStore:
             with self._write() as db:
                 db.execute(
                     "INSERT OR IGNORE INTO predictions (prediction_id, created_at, model_version, "
-                    "label, score, margin, entropy, top_k, filename, sha256, state, reason, size) "
-                    "VALUES (:prediction_id, :created_at, :model_version, :label, :score, "
-                    ":margin, :entropy, :top_k, NULL, NULL, 'not_stored', :reason, :size)",
+                    "label, score, margin, entropy, top_k, filename, sha256, state, reason, size, "
+                    "unknown) VALUES (:prediction_id, :created_at, :model_version, :label, "
+                    ":score, :margin, :entropy, :top_k, NULL, NULL, 'not_stored', :reason, "
+                    ":size, :unknown)",
                     {**small, "reason": reason})
+                self._insert_shadow(db, small)
                 self._enforce(db, time.time())
         except (sqlite3.Error, OSError) as exc:
             log.debug("could not record that prediction %s was not kept: %r",
@@ -513,6 +537,8 @@ class PredictionStore:
     def _record(self, row: sqlite3.Row) -> dict[str, Any]:
         record = dict(row)
         record["top_k"] = json.loads(record["top_k"])
+        if "unknown" in record:
+            record["unknown"] = bool(record["unknown"])
         return record
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
@@ -570,20 +596,69 @@ class PredictionStore:
     def review(self, below: float, limit: int, label: str | None = None,
                order: ReviewOrder = "margin", now: float | None = None) -> list[dict[str, Any]]:
         """The review queue: pending predictions (not labelled, not dismissed, image kept)
-        within the age limit, scored below `below`, predicted as `label` when given, most
-        uncertain first by `order` (margin: smallest first; entropy: largest first; score:
-        lowest first), newest first among equals. -> at most `limit` records."""
+        within the age limit, answered `unknown` or scored below `below`, predicted as `label`
+        (the model's label) when given; the `unknown` ones first, then most uncertain first by
+        `order` (margin: smallest first; entropy: largest first; score: lowest first), newest
+        first among equals. -> at most `limit` records."""
         if order not in _ORDER_SQL:
             raise ValueError(f"unknown order {order!r}; expected one of {sorted(_ORDER_SQL)}")
         now = time.time() if now is None else now
-        where = "state = 'pending' AND score < ? AND created_at >= ?"
+        where = "state = 'pending' AND (unknown = 1 OR score < ?) AND created_at >= ?"
         params: list[Any] = [below, now - self.max_age_s]
         if label is not None:
             where += " AND label = ?"
             params.append(label)
         return self._select(f"SELECT {_COLUMNS} FROM predictions WHERE {where} "
-                            f"ORDER BY {_ORDER_SQL[order]}, created_at DESC LIMIT ?",
+                            f"ORDER BY unknown DESC, {_ORDER_SQL[order]}, created_at DESC "
+                            "LIMIT ?",
                             (*params, limit))
+
+    def recent_answers(self, version: str, limit: int) -> tuple[list[str], list[float]]:
+        """The labels (the model's own, `unknown` or not) and scores of the newest `limit`
+        answers of `version`, kept or not (a prediction not kept still has its row): the live
+        side of drift (`training.calibration.drift`)."""
+        with self._api_errors(), self._connect() as db:
+            rows = db.execute("SELECT label, score FROM predictions WHERE model_version = ? "
+                              "ORDER BY created_at DESC LIMIT ?", (version, limit)).fetchall()
+        return [str(r[0]) for r in rows], [float(r[1]) for r in rows]
+
+    def trial_stats(self, version: str, current: str | None, since: float,
+                    label_of: Callable[[str], str | None]) -> dict[str, Any]:
+        """How `version` (on trial since `since`) does on live traffic: `answers` it gave
+        (as canary) or computed (as shadow); `agreement`: the share of its shadow answers with
+        the same label as the served answer (None without shadow answers); `feedback`: on the
+        predictions that came back labelled (`label_of(sha256)`: the image's label in the
+        dataset now, None if it is gone), its accuracy (`trial_accuracy`, over `count`) and the
+        current version's on its own labelled answers of the same period (`current_accuracy`,
+        over `current_count`). A shadow's feedback is on the same images as the current
+        version's answers; a canary's on the images it answered."""
+        with self._api_errors(), self._connect() as db:
+            shadow = db.execute(
+                "SELECT s.label, p.label, p.state, p.sha256 FROM shadow s JOIN predictions p "
+                "ON s.prediction_id = p.prediction_id WHERE s.version = ? AND "
+                "p.created_at >= ?", (version, since)).fetchall()
+            canary = db.execute(
+                "SELECT label, state, sha256 FROM predictions WHERE model_version = ? AND "
+                "created_at >= ?", (version, since)).fetchall()
+            served = db.execute(
+                "SELECT label, sha256 FROM predictions WHERE model_version = ? AND "
+                "created_at >= ? AND state = 'labelled' AND sha256 IS NOT NULL",
+                (current or "", since)).fetchall()
+
+        def accuracy(pairs: list[tuple[str, str | None]]) -> tuple[int, float | None]:
+            known = [(said, truth) for said, truth in pairs if truth is not None]
+            return len(known), (sum(s == t for s, t in known) / len(known) if known else None)
+
+        trial_pairs = [(r[0], label_of(r[3])) for r in shadow if r[2] == "labelled" and r[3]]
+        trial_pairs += [(r[0], label_of(r[2])) for r in canary if r[1] == "labelled" and r[2]]
+        count, trial_accuracy = accuracy(trial_pairs)
+        current_count, current_accuracy = accuracy([(r[0], label_of(r[1])) for r in served])
+        return {"answers": len(shadow) + len(canary),
+                "agreement": (sum(r[0] == r[1] for r in shadow) / len(shadow)
+                              if shadow else None),
+                "feedback": {"count": count, "trial_accuracy": trial_accuracy,
+                             "current_count": current_count,
+                             "current_accuracy": current_accuracy}}
 
     def resolve(self, prediction_id: str, state: Literal["labelled", "dismissed"]) -> str:
         """Take a prediction out of the review queue: `labelled` (feedback stored its image in

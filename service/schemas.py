@@ -30,8 +30,12 @@ class ScoredLabel(BaseModel):
 class PredictionPublic(BaseModel):
     prediction_id: str
     filename: str | None
-    label: str
-    score: float
+    label: str = Field(description="the best label, or `unknown` when `unknown` is true")
+    score: float = Field(description="the best label's calibrated score")
+    unknown: bool = Field(False, description="the best score is below `threshold`: the "
+                          "answer is `unknown`; `top_k` still has the model's labels")
+    threshold: float = Field(0.0, description="the threshold applied: the request's "
+                             "`min_score`, else the version's (chosen at publish)")
     top_k: list[ScoredLabel]
 
 
@@ -82,6 +86,9 @@ class ReviewItemPublic(BaseModel):
     entropy: float = Field(description="entropy of the top-k scores in nats (the rest of the "
                                        "probability as one outcome); large: spread out")
     filename: str | None = None
+    unknown: bool = Field(False, description="answered `unknown` (below its threshold): "
+                          "such predictions come first in the queue; `label` is the model's "
+                          "best label")
     image_url: str = Field(description="the image as uploaded (GET, API token)")
 
 
@@ -162,10 +169,44 @@ class PolicyRequest(BaseModel):
         description="pinned pins the current version")
 
 
+class TrialRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(description="the version to try (not the current one)")
+    mode: Literal["shadow", "canary"] = Field(
+        description="shadow: also classifies `share` of the requests, answers none; canary: "
+                    "answers `share` of the requests that name no version")
+    share: float = Field(gt=0.0, le=1.0, description="the share of requests, (0, 1]")
+
+
+class TrialFeedbackPublic(BaseModel):
+    count: int = Field(description="labelled predictions the trial version answered")
+    trial_accuracy: float | None
+    current_count: int
+    current_accuracy: float | None = Field(
+        description="the current version's accuracy on its labelled answers of the same period")
+
+
+class TrialPublic(BaseModel):
+    version: str
+    mode: Literal["shadow", "canary"]
+    share: float
+    current: str | None = Field(None, description="the version current when it was set")
+    set_at: float
+    by: str | None = None
+    answers: int = Field(0, description="live answers it gave (canary) or computed (shadow)")
+    agreement: float | None = Field(
+        None, description="shadow: share of its answers with the served answer's label")
+    feedback: TrialFeedbackPublic | None = None
+    replicas: list[str | None] = Field(
+        default_factory=list, description="the trial version each replica follows (null: "
+                                          "none, e.g. it could not load it)")
+
+
 class ModelsPublic(BaseModel):
     current: str | None
     policy: PolicyPublic
     versions: list[VersionPublic]
+    trial: TrialPublic | None = Field(None, description="the version on trial, if any")
 
 
 class ActivatePublic(BaseModel):

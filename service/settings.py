@@ -147,6 +147,14 @@ class Settings(CommonSettings):
     keep_versions: int = Field(10, ge=1, description="model versions kept (plus CURRENT, parent)")
     review_below: float = Field(0.5, ge=0.0, le=1.0,
                                 description="GET /v1/review lists predictions scored below it")
+    drift_threshold: float = Field(
+        0.25, gt=0.0, le=10.0,
+        description="drift score (population stability index) above which a version's live "
+                    "answers count as drifted from its held-out split")
+    drift_window: int = Field(1000, ge=10, le=1_000_000,
+                              description="newest answers of a version that drift compares")
+    drift_min_predictions: int = Field(
+        100, ge=1, description="live answers needed before a drift score is given")
     predictions_keep: int = Field(1000, ge=0,
                                   description="predictions kept for feedback and review (0: none)")
     predictions_max_age_s: int = Field(7 * 24 * 3600, ge=60,

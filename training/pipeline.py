@@ -39,6 +39,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
+from training.calibration import calibrate, choose_threshold, reference
 from training.config import GateConfig, TrainConfig
 from training.dataset import (
     DEFAULT_TEST_FRACTION,
@@ -172,6 +173,36 @@ def evaluate_model(model: nn.Module, preset: EvalPreset, items: Sequence[Item],
     samples = [(str(i.path), class_index[i.label]) for i in items]
     loader = DataLoader(ImageFileDataset(samples, preset, preset.resize), batch_size=batch_size)
     return evaluate(model, loader, nn.CrossEntropyLoss(), torch.device("cpu"), num_classes)
+
+
+def held_out_logits(model: nn.Module, preset: EvalPreset, items: Sequence[Item],
+                    class_index: dict[str, int], batch_size: int = 32
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model`'s logits on `items` with their labels, on the CPU: ((N, C) float32, (N,)
+    int64)."""
+    samples = [(str(i.path), class_index[i.label]) for i in items]
+    loader = DataLoader(ImageFileDataset(samples, preset, preset.resize), batch_size=batch_size)
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            logits.append(model(x).float())
+            labels.append(y.long())
+    if not logits:
+        return torch.zeros(0, len(class_index)), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def answer_quality(classes: Sequence[str], logits: torch.Tensor, labels: torch.Tensor
+                   ) -> dict[str, Any]:
+    """The manifest's `calibration`, `threshold` and `reference` records from held-out (N, C)
+    logits and (N,) labels (see `training.calibration` for why the test split serves)."""
+    record = calibrate(logits, labels)
+    probs = torch.softmax(logits.double() / record["temperature"], dim=1)
+    conf, pred = probs.max(dim=1) if len(labels) else (torch.zeros(0), torch.zeros(0))
+    return {"calibration": record,
+            "threshold": choose_threshold(conf.tolist(), (pred == labels).tolist()),
+            "reference": reference(classes, pred.long().tolist(), conf.tolist())}
 
 
 def majority_baseline(test: Sequence[Item]) -> float:
@@ -641,7 +672,10 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
 
     The manifest's validation figures (`best_val_accuracy`, the confusion matrix and plot) are
     the workers' evaluation of the best epoch, the one that chose it; `metrics.test` and
-    `promotion` hold the held-out figures the gate used."""
+    `promotion` hold the held-out figures the gate used. `calibration` (temperature scaling and
+    ECE before/after), `threshold` (the score below which an answer is `unknown`) and
+    `reference` (predicted-label and confidence shares, what drift compares live traffic
+    with) come from the candidate's logits on the same test split (`answer_quality`)."""
     progress = jobs.read_progress(job_id) or {}
     preset = EvalPreset.for_size(cfg.image_size)
     candidate = build_model(choice.name, num_classes=len(data.classes), pretrained=False)
@@ -656,6 +690,8 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
     best = next(m for m in state["history"] if int(m["epoch"]) == best_epoch)
     val_confusion = state["confusion"]
     test = judged.test
+    quality = answer_quality(data.classes, *held_out_logits(candidate, preset, data.test,
+                                                            data.class_index))
     version, staging = registry.allocate()
     try:
         inference = choose_engine(candidate, staging, preset.crop)
@@ -675,7 +711,7 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
                          "per_class_accuracy": _per_class(test.confusion, data.classes),
                          "confusion_matrix": test.confusion},
             },
-            "promotion": promotion,
+            "promotion": promotion, **quality,
             "parent": promotion["current_version"], "job_id": job_id,
             "created_at": time.time(),
             "software": software_versions(), "plots": ["curves", "confusion"],

@@ -70,6 +70,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 DATA = "data.json"
 POLICY = "POLICY"
+TRIAL = "TRIAL"
+TRIAL_MODES = ("shadow", "canary")
 FORMAT_VERSION = 1
 AUTOMATIC, PINNED = "automatic", "pinned"
 POLICY_MODES = (AUTOMATIC, PINNED)
@@ -92,6 +94,14 @@ class InvalidVersion(DomainError, ValueError):
 
 class InvalidPolicy(DomainError, ValueError):
     code = "invalid_policy"
+    status = 400
+
+
+class InvalidTrial(DomainError, ValueError):
+    """A trial that cannot be set: an unknown mode, a share outside (0, 1], the current
+    version itself, or no version current to compare it with."""
+
+    code = "invalid_trial"
     status = 400
 
 
@@ -357,6 +367,60 @@ class Registry:
                  f" to {version}" if mode == PINNED else "", by)
         return policy
 
+    def trial(self) -> dict[str, Any] | None:
+        """The version on trial (`models/TRIAL`): {version, mode ("shadow": it also classifies
+        a `share` of the requests the current version answers, and answers none; "canary": it
+        answers a `share` of the requests that name no version), share, set_at, by}, or None.
+        An unreadable file (edited by hand) counts as no trial, logged."""
+        try:
+            raw = json.loads((self.root / TRIAL).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable, so no version is on trial: %s", TRIAL, exc)
+            return None
+        if (not isinstance(raw, dict) or raw.get("mode") not in TRIAL_MODES
+                or not isinstance(raw.get("share"), int | float)
+                or not isinstance(raw.get("version"), str)):
+            log.warning("%s is malformed, so no version is on trial: %r", TRIAL, raw)
+            return None
+        return raw
+
+    def set_trial(self, version: str, mode: str, share: float, by: str) -> dict[str, Any]:
+        """Put `version` on trial (replacing any trial), under the lock. Raises InvalidTrial
+        (400) for a mode not in TRIAL_MODES, a share outside (0, 1], the current version, or
+        when no version is current; VersionNotFound (404) / InvalidVersion (409) as
+        `weights_file`. -> the trial."""
+        if mode not in TRIAL_MODES:
+            raise InvalidTrial(f"unknown trial mode {str(mode)[:64]!r}; expected one of "
+                               f"{list(TRIAL_MODES)}")
+        if not 0.0 < share <= 1.0:
+            raise InvalidTrial(f"share {share!r} is outside (0, 1]")
+        with self.lock:
+            self.weights_file(version)
+            current = self.current()
+            if current is None:
+                raise InvalidTrial("no version is current, so there is nothing to try "
+                                   f"{version} beside; activate one first")
+            if version == current:
+                raise InvalidTrial(f"{version} is the current version; a trial is for "
+                                   "another one")
+            trial = {"version": version, "mode": mode, "share": float(share),
+                     "current": current, "set_at": time.time(), "by": by}
+            write_file_atomic(self.root / TRIAL, json.dumps(trial).encode())
+        log.info("trial: %s in %s mode on %.0f%% of requests (by %s)", version, mode,
+                 share * 100, by)
+        return trial
+
+    def end_trial(self) -> dict[str, Any] | None:
+        """End the trial, if any. -> the trial that ended, or None."""
+        with self.lock:
+            trial = self.trial()
+            (self.root / TRIAL).unlink(missing_ok=True)
+        if trial:
+            log.info("trial of %s ended", trial["version"])
+        return trial
+
     def set_policy(self, mode: str, by: str) -> dict[str, Any]:
         """`automatic`: jobs that pass the gate become CURRENT. `pinned`: pin the current
         version; jobs publish but never promote until the policy is automatic again.
@@ -377,10 +441,15 @@ class Registry:
         is not there, InvalidVersion 409 for one whose weights file is gone), point CURRENT at
         it and set the policy: pinned to it (`pin`), or automatic. -> what changed, for
         `undo_activation`. The replicas pick CURRENT up by themselves; the API's activate
-        also has every replica load it and undoes the activation if one cannot."""
+        also has every replica load it and undoes the activation if one cannot. Activating the
+        version on trial ends the trial (its promotion by hand)."""
         with self.lock:
             self.weights_file(version)
             previous, previous_policy = self.current(), self.policy()
+            trial = self.trial()
+            if trial is not None and trial["version"] == version:  # promoted by hand
+                (self.root / TRIAL).unlink(missing_ok=True)
+                log.info("trial of %s ended: it is activated", version)
             self._write_current(version)
             policy = self._write_policy(PINNED if pin else AUTOMATIC, version, by)
         log.info("activated %s (was %s; %s)", version, previous,
@@ -450,16 +519,18 @@ class Registry:
         write_file_atomic(path, json.dumps(manifest, indent=2, default=str).encode())
 
     def prune(self, keep: int) -> list[str]:
-        """Remove versions beyond the newest `keep`, never CURRENT, the pinned version, their
-        parents or v0, under the lock (so CURRENT and the pin cannot change meanwhile). A
-        version is first renamed to `.v<N>.removed` (atomic: readers see it whole or not at
-        all), then deleted."""
+        """Remove versions beyond the newest `keep`, never CURRENT, the pinned version, the
+        version on trial, their parents or v0, under the lock (so CURRENT and the pin cannot
+        change meanwhile). A version is first renamed to `.v<N>.removed` (atomic: readers see
+        it whole or not at all), then deleted."""
         removed = []
         with self.lock:
             for leftover in self.root.glob(".v*.removed"):  # a prune killed mid-delete
                 shutil.rmtree(leftover, ignore_errors=True)
             versions = self.versions()
-            kept = {"v0", self.current(), self.policy()["version"]}
+            trial = self.trial()
+            kept = {"v0", self.current(), self.policy()["version"],
+                    trial["version"] if trial else None}
             protected = set(kept)
             for v in kept - {None}:
                 with contextlib.suppress(VersionNotFound, InvalidVersion):

@@ -81,3 +81,24 @@ def test_predict_a_named_version_through_serve(svc: RunningService) -> None:
                             files=[("files", ("a.png", image))]), 404, "version_not_found")
         assert c.get("/readyz").json()["model_versions"] == ["v0"]
     assert Registry(svc.home).current() == "v0"
+
+
+def test_trial_through_serve(svc: RunningService) -> None:
+    """`PUT /v1/models/trial` broadcasts to every replica before it answers: a canary at share
+    1.0 answers every request that names no version, through the same `@serve.batch`; DELETE
+    ends it everywhere. /metrics carries the quality collector of the replica's volume."""
+    trial = publish_version(Registry(svc.home), ["blue", "red"])
+    image = noisy_image(5, (200, 200, 20))
+    with svc.client() as c:
+        r = c.put("/v1/models/trial", json={"version": trial, "mode": "canary", "share": 1.0})
+        assert r.status_code == 200, r.text
+        assert r.json()["replicas"] == [trial]
+        r = c.post("/v1/predict", files=[("files", ("a.png", image))])
+        assert r.status_code == 200 and r.json()["model_version"] == trial
+        listed = c.get("/v1/models").json()
+        assert listed["current"] == "v0" and listed["trial"]["answers"] == 1
+        assert c.delete("/v1/models/trial").json()["version"] == trial
+        assert c.get("/v1/models").json()["trial"] is None
+        assert c.post("/v1/predict", files=[("files", ("a.png", image))]
+                      ).json()["model_version"] == "v0"
+    assert "visionloop_drift_threshold 0.25" in httpx.get(f"{svc.url}/metrics").text

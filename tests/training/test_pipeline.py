@@ -367,6 +367,14 @@ def test_two_worker_job_publishes_a_version_that_rebuilds_from_its_manifest(
     assert promotion["judged_on"] == "test" and promotion["current_version"] == "v0"
     assert promotion["test_count"] == manifest["data_fingerprint"]["test_count"] >= 2
     assert promotion["candidate_test_accuracy"] >= promotion["minimum_accuracy"] >= 0.625
+    # calibration, threshold and drift reference, from the same held-out split
+    calibration, threshold = manifest["calibration"], manifest["threshold"]
+    assert calibration["fitted_on"] == "test" and calibration["ece_bins"] == 15
+    assert calibration["count"] == promotion["test_count"]
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+    assert 0.0 <= threshold["threshold"] <= 1.0 and "precision" in threshold["rule"]
+    assert set(manifest["reference"]["label_shares"]) == {"blue", "red"}
+    assert sum(manifest["reference"]["confidence_shares"]) == pytest.approx(1.0)
     listed = json.loads((registry.version_dir("v1") / DATA).read_text())
     splits = {name: {sha for sha, _ in listed[name]} for name in ("train", "val", "test")}
     assert sum(map(len, splits.values())) == 32

@@ -16,8 +16,19 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from service import schemas
-from service.api.deps import ApiToken, ClassifierDep, RegistryDep
+from service.api.clients import ClassifierClient
+from service.api.deps import (
+    ApiToken,
+    ClassifierDep,
+    PredictionsDep,
+    RegistryDep,
+    SettingsDep,
+    StoreDep,
+)
 from service.api.errors import ModelLoadFailed, NotFound
+from service.drift import version_drift
+from service.predictions import PredictionStore
+from training.dataset import DatasetStore
 from training.errors import DomainError
 from training.registry import InvalidVersion, Registry, VersionNotFound
 
@@ -48,8 +59,35 @@ def version_public(registry: Registry, version: str) -> schemas.VersionPublic:
         promoted=(m.get("promotion") or {}).get("promoted"))
 
 
+def trial_public(registry: Registry, predictions: PredictionStore, store: DatasetStore,
+                 replicas: list[str | None]) -> schemas.TrialPublic | None:
+    """The trial (`Registry.trial`) with its live figures (`PredictionStore.trial_stats`,
+    feedback labels read from the dataset as it is now), or None."""
+    trial = registry.trial()
+    if trial is None:
+        return None
+
+    def label_of(sha256: str) -> str | None:
+        item = store.find(sha256)
+        return item.label if item else None
+
+    stats = predictions.trial_stats(trial["version"], registry.current(),
+                                    float(trial.get("set_at") or 0.0), label_of)
+    return schemas.TrialPublic(**{**trial, **stats}, replicas=replicas)
+
+
+async def _trial_replicas(classifier: ClassifierClient) -> list[str | None]:
+    statuses = await classifier.statuses()
+    return [(s.get("trial") or {}).get("version") for s in statuses]
+
+
 @router.get("/v1/models", response_model=schemas.ModelsPublic)
-async def models(registry: RegistryDep) -> schemas.ModelsPublic:
+async def models(registry: RegistryDep, predictions: PredictionsDep, store: StoreDep,
+                 classifier: ClassifierDep) -> schemas.ModelsPublic:
+    """Every version kept, the current one, the policy, and the version on trial (`trial`:
+    its mode, share and live figures; `replicas`: the trial version each replica follows)."""
+    replicas = await _trial_replicas(classifier)
+
     def read() -> schemas.ModelsPublic:
         versions = []
         for v in registry.versions():
@@ -59,8 +97,49 @@ async def models(registry: RegistryDep) -> schemas.ModelsPublic:
                 continue  # removed by retention meanwhile, or unreadable
         return schemas.ModelsPublic(current=registry.current(),
                                     policy=schemas.PolicyPublic(**registry.policy()),
-                                    versions=versions)
+                                    versions=versions,
+                                    trial=trial_public(registry, predictions, store, replicas))
     return await asyncio.to_thread(read)
+
+
+@router.get("/v1/models/trial", response_model=schemas.TrialPublic | None)
+async def trial(registry: RegistryDep, predictions: PredictionsDep, store: StoreDep,
+                classifier: ClassifierDep) -> schemas.TrialPublic | None:
+    """The version on trial with its live figures; null when none."""
+    replicas = await _trial_replicas(classifier)
+    return await asyncio.to_thread(trial_public, registry, predictions, store, replicas)
+
+
+@router.put("/v1/models/trial", response_model=schemas.TrialPublic,
+            responses={400: {"model": schemas.ErrorPublic}, **_ERRORS})
+async def set_trial(body: schemas.TrialRequest, registry: RegistryDep,
+                    predictions: PredictionsDep, store: StoreDep, classifier: ClassifierDep
+                    ) -> schemas.TrialPublic:
+    """Try `version` on live traffic beside the current one: `shadow` (it also classifies
+    `share` of the requests that name no version, answers none; its agreement with the served
+    answers and its accuracy on the labels that come back through feedback are tracked) or
+    `canary` (it answers `share` of those requests; each answer names its version). Replaces
+    any trial. Every replica loads it before the answer (`replicas`: a replica that could not
+    load it shows null and keeps serving without it). Promotion is by hand: `POST
+    /v1/models/{version}/activate` (which ends the trial); rollback: `DELETE
+    /v1/models/trial`. 400 `invalid_trial` for the current version (or none current), 404 for
+    a version not there, 409 for one whose weights are gone."""
+    await asyncio.to_thread(registry.set_trial, body.version, body.mode, body.share, "api")
+    statuses = await classifier.reload_all()
+    replicas = [(s.get("trial") or {}).get("version") for s in statuses]
+    out = await asyncio.to_thread(trial_public, registry, predictions, store, replicas)
+    assert out is not None  # just set; only another PUT or a DELETE changes it
+    return out
+
+
+@router.delete("/v1/models/trial", response_model=schemas.TrialPublic | None)
+async def end_trial(registry: RegistryDep, classifier: ClassifierDep
+                    ) -> schemas.TrialPublic | None:
+    """End the trial (the rollback of a canary): every replica stops using it before the
+    answer. -> the trial that ended (without figures), or null when there was none."""
+    ended = await asyncio.to_thread(registry.end_trial)
+    await classifier.reload_all()
+    return schemas.TrialPublic(**ended) if ended else None
 
 
 @router.get("/v1/models/policy", response_model=schemas.PolicyPublic)
@@ -79,8 +158,14 @@ async def set_policy(body: schemas.PolicyRequest, registry: RegistryDep
 
 
 @router.get("/v1/models/{version}")
-async def model_manifest(version: str, registry: RegistryDep) -> dict[str, Any]:
-    return await asyncio.to_thread(registry.manifest, version)
+async def model_manifest(version: str, registry: RegistryDep, predictions: PredictionsDep,
+                         settings: SettingsDep) -> dict[str, Any]:
+    """The version's manifest, and `drift`: its live answers against its held-out split
+    (`service.drift`; null for a version published without a reference, such as v0)."""
+    def read() -> dict[str, Any]:
+        manifest = registry.manifest(version)
+        return {**manifest, "drift": version_drift(registry, predictions, version, settings)}
+    return await asyncio.to_thread(read)
 
 
 @router.get("/v1/models/{version}/plots/{name}.png", response_class=FileResponse)

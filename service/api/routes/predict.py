@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Query, Response
 
@@ -13,7 +14,7 @@ from service import schemas
 from service.api.deps import ClassifierDep, MetricsDep, PredictionsDep, PredictToken
 from service.api.errors import Unavailable
 from service.api.uploads import PredictFiles
-from service.classifier import ModelNotLoaded, Prediction
+from service.classifier import UNKNOWN, ModelNotLoaded, Prediction
 from service.predictions import new_prediction_id
 from training.errors import DomainError
 from training.registry import InvalidVersion, VersionNotFound
@@ -36,13 +37,21 @@ _BODY = {"requestBody": {"content": {
 async def predict(files: PredictFiles, response: Response, classifier: ClassifierDep,
                   predictions: PredictionsDep, metrics: MetricsDep,
                   top_k: int = Query(5, ge=1, le=1000),
+                  min_score: float | None = Query(
+                      None, ge=0.0, le=1.0, description="answer `unknown` below this "
+                      "calibrated score instead of the version's threshold (0..1; 0: never "
+                      "unknown)"),
                   version: str | None = Query(
                       None, description="answer with this version (v0, v1, ...) instead of the "
                       "served one: 404 version_not_found for a version that is not there, 409 "
                       "invalid_version for one that cannot be loaded")
                   ) -> schemas.PredictPublic:
     """The answer's `model_version` (and `X-Model-Version`) names the version that computed
-    every prediction of it."""
+    every prediction of it. A prediction whose calibrated score is below `min_score` (else the
+    version's threshold) has label `unknown` and `unknown: true`, its top-k still given; it is
+    kept with the model's own label and `unknown` set, and comes first in the review queue.
+    While a version is on trial (`PUT /v1/models/trial`), a canary answer names the trial
+    version; a shadow's answer is kept with the prediction and never shown."""
     results = await asyncio.gather(*(classifier.predict(data, top_k, version)
                                      for _, data in files), return_exceptions=True)
     answers: list[Prediction] = []
@@ -60,18 +69,31 @@ async def predict(files: PredictFiles, response: Response, classifier: Classifie
     for (name, data), answer in zip(files, answers, strict=True):
         top = [schemas.ScoredLabel(label=label, score=score) for label, score in answer.top_k]
         pid = new_prediction_id()
+        unknown = answer.is_unknown(min_score)
         metrics.predictions.labels(answer.version).inc()
         metrics.batch_size.observe(answer.batch_size)
-        record = {"model_version": answer.version, "label": top[0].label,
-                  "score": top[0].score, "top_k": [t.model_dump() for t in top],
-                  "filename": name}
+        metrics.scores.labels(answer.version).observe(top[0].score)
+        if unknown:
+            metrics.unknown.labels(answer.version).inc()
+        record: dict[str, Any] = {
+            "model_version": answer.version, "label": top[0].label, "score": top[0].score,
+            "top_k": [t.model_dump() for t in top], "filename": name, "unknown": unknown}
+        if answer.shadow is not None:  # kept for the trial's figures, never answered
+            shadow = answer.shadow
+            record["shadow"] = {"version": shadow.version, "label": shadow.label,
+                                "score": shadow.score}
+            metrics.shadow.labels(shadow.version).inc()
+            if shadow.label == answer.label:
+                metrics.shadow_agreed.labels(shadow.version).inc()
         # Never raises for the volume's state: not kept (low space, full, ...) is counted, and
         # feedback for it answers 404 saying why; the answer stands either way.
         kept = await asyncio.to_thread(predictions.save, pid, data, record)
         if kept != "stored":
             metrics.predictions_not_stored.labels(kept).inc()
-        out.append(schemas.PredictionPublic(prediction_id=pid, filename=name,
-                                            label=top[0].label, score=top[0].score, top_k=top))
+        out.append(schemas.PredictionPublic(
+            prediction_id=pid, filename=name, label=UNKNOWN if unknown else top[0].label,
+            score=top[0].score, unknown=unknown,
+            threshold=answer.threshold if min_score is None else min_score, top_k=top))
     version = answers[0].version
     response.headers["X-Model-Version"] = version
     return schemas.PredictPublic(model_version=version, predictions=out)

@@ -102,7 +102,10 @@ def test_predict_shapes_json_and_multipart(api: Api) -> None:
     assert body["model_version"] == "v0" and r.headers["x-model-version"] == "v0"
     assert len(body["predictions"]) == 2
     p = body["predictions"][0]
-    assert set(p) == {"prediction_id", "filename", "label", "score", "top_k"}
+    assert set(p) == {"prediction_id", "filename", "label", "score", "unknown", "threshold",
+                      "top_k"}
+    # v0 has no threshold record: nothing is unknown
+    assert not p["unknown"] and p["threshold"] == 0.0 and p["label"] == p["top_k"][0]["label"]
     assert len(p["top_k"]) == 5 and p["filename"] is None
     scores = [t["score"] for t in p["top_k"]]
     assert scores == sorted(scores, reverse=True) and p["score"] == scores[0]
