@@ -47,6 +47,7 @@ the parser is built. Driving argparse from the models keeps every flag and messa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -181,8 +182,11 @@ def _model_values(args: argparse.Namespace, model: type[BaseModel],
 
 # -- up ------------------------------------------------------------------------------------------
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join RAY_ADDRESS when set (its token from RAY_AUTH_TOKEN), else start a local cluster."""
+def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Join RAY_ADDRESS when set (its token from RAY_AUTH_TOKEN), else start a local cluster.
+    `quiet` (the one-shot commands without -v: train, predict-dir): Ray's own start-up lines
+    and its C++ warnings (e.g. about actor restarts in Ray Data's pool) are not printed; errors
+    still are."""
     import ray
 
     from service.app import serve_environment
@@ -190,11 +194,18 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     serve_environment()
+    level = logging.INFO
+    if quiet:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+        level = logging.ERROR
+        for name in ("ray", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=level)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=level)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -251,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = train_config(_model_values(args, TrainConfig), settings.train_defaults())
         prepare_data(DatasetStore(home, settings.max_pixels))
         if JobStore(home).is_locked():
-            raise JobRunning("a training job is already running on this volume")
+            raise JobStore(home).job_running_error()  # names the job and how to cancel it
     except (InvalidTrainRequest, DatasetTooSmall, JobRunning) as exc:
         raise CliError(str(exc)) from None
 
@@ -299,7 +310,7 @@ def _run_training(home: Path, settings: Settings, cfg: TrainConfig,
     from training.resources import InsufficientResources, check_cluster
 
     jobs = JobStore(home)
-    init_ray(settings.ray_num_cpus)
+    init_ray(settings.ray_num_cpus, quiet=not logging.getLogger().isEnabledFor(logging.INFO))
     try:
         check_cluster(cfg)  # what this Ray cluster can hold, before a record is written
     except InsufficientResources as exc:
@@ -373,6 +384,11 @@ def check_imagefolder(root: Path, command: str) -> list[Path]:
         return (f"{command} takes one folder per label, named after it: {root}/<label>/<image>, "
                 f"e.g. {root}/cat/{name} and {root}/dog/{other}")
 
+    if root.is_file():
+        raise CliError(f"{root} is a file; {command} takes a folder with one folder per label, "
+                       f"e.g. photos/cat/1.jpg and photos/dog/2.jpg (`visionloop {command} "
+                       "photos`)" + ("; to classify images use `visionloop predict FILE...`"
+                                     if command == "label" else ""))
     if not root.is_dir():
         raise CliError(f"{root} is not a directory; {example()}")
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
@@ -432,7 +448,7 @@ def cmd_predict_dir(args: argparse.Namespace) -> int:
     from training.batch import predict_dir
 
     settings = _read(Settings, home=args.home)
-    init_ray(settings.ray_num_cpus)
+    init_ray(settings.ray_num_cpus, quiet=not args.verbose)
     report = predict_dir(Path(settings.home).resolve(), Path(args.dir), Path(args.out),
                          version=args.version, workers=args.workers, gpu=args.gpu,
                          batch_size=args.batch, top_k=args.top_k, threads=args.threads,
@@ -479,25 +495,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     registry = Registry(Path(_read(CommonSettings, home=args.home).home).resolve())
     current = registry.current()
-    rows = [("", "VERSION", "BACKBONE", "CLASSES", "VAL ACC", "PROMOTED", "CREATED")]
+    rows = [("", "VERSION", "BACKBONE", "CLASSES", "VAL ACC", "TEST ACC", "PROMOTED", "CREATED")]
     for v in registry.versions():
         try:
             m = registry.manifest(v)
         except InvalidVersion:
-            rows.append(("", v, "?", "?", "?", "?", "unreadable manifest"))
+            rows.append(("", v, "?", "?", "?", "?", "?", "unreadable manifest"))
             continue
         acc = (m.get("metrics") or {}).get("best_val_accuracy")
+        test = ((m.get("metrics") or {}).get("test") or {}).get("accuracy")
+        promoted = (m.get("promotion") or {}).get("promoted")
         classes = m.get("classes") or []
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("created_at") or 0))
         rows.append(("*" if v == current else "", v, str(m.get("backbone")),
                      str(len(classes)) if len(classes) > 8 else ",".join(classes),
-                     "-" if acc is None else f"{acc:.3f}",
-                     str((m.get("promotion") or {}).get("promoted")), created))
+                     "-" if acc is None else f"{acc:.3f}", "-" if test is None else f"{test:.3f}",
+                     "-" if promoted is None else ("yes" if promoted else "no"), created))
     if len(rows) == 1:
         print("no model versions yet (`visionloop up` or `visionloop train` publishes v0)")
         return 0
     _print_table(rows)
     print(policy_line(registry.policy()))
+    print(trial_line(registry.trial()))
     return 0
 
 
@@ -505,6 +524,23 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def trial_line(trial: dict[str, Any] | None) -> str:
+    """The version on trial (`Registry.trial()`, or the API's `trial`) in one line, with its live
+    figures when the API gave them."""
+    if not trial:
+        return "trial: none (`visionloop trial VERSION --mode shadow|canary --share 0.1`)"
+    what = ("also classifies, answering none of," if trial.get("mode") == "shadow"
+            else "answers")
+    line = (f"trial: {trial.get('version')} in {trial.get('mode')} mode {what} "
+            f"{float(trial.get('share') or 0):.0%} of the requests that name no version")
+    if trial.get("answers") is not None:
+        agreement = trial.get("agreement")
+        line += f"; {trial['answers']} answers"
+        if agreement is not None:
+            line += f", agreement with the current version {float(agreement):.3f}"
+    return line + " (`visionloop trial --end` ends it)"
 
 
 def policy_line(policy: dict[str, Any]) -> str:
@@ -745,6 +781,24 @@ def cmd_activate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trial(args: argparse.Namespace) -> int:
+    """`trial VERSION --mode M --share S`: PUT /v1/models/trial; `trial --end`: DELETE it;
+    `trial` alone: GET it."""
+    with ServiceClient(args) as client:
+        if args.end:
+            client.request("DELETE", "/v1/models/trial")
+            print("trial ended")
+            return 0
+        if args.version is None:
+            body = client.request("GET", "/v1/models")
+            print(trial_line(body.get("trial")))
+            return 0
+        body = client.request("PUT", "/v1/models/trial", json={
+            "version": args.version, "mode": args.mode, "share": args.share})
+    print(trial_line(body))
+    return 0
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     """`pin` / `unpin`: PUT /v1/models/policy {"mode": "pinned" | "automatic"}."""
     with ServiceClient(args) as client:
@@ -891,6 +945,18 @@ def build_parser() -> argparse.ArgumentParser:
     http(p)
     p.set_defaults(func=cmd_policy, mode="pinned")
 
+    p = command("trial", help="try a version on live traffic (shadow or canary)",
+                description="VERSION --mode shadow: it also classifies --share of the requests "
+                "and answers none (agreement and feedback accuracy are tracked); --mode canary: "
+                "it answers --share of the requests that name no version. Without VERSION: show "
+                "the trial; --end: end it. `visionloop activate VERSION` promotes it.")
+    http(p)
+    p.add_argument("version", nargs="?", default=None, help="v1, v2, ...")
+    p.add_argument("--mode", choices=["shadow", "canary"], default="shadow")
+    p.add_argument("--share", type=float, default=0.1, help="0 < share <= 1 (default 0.1)")
+    p.add_argument("--end", action="store_true", help="end the trial")
+    p.set_defaults(func=cmd_trial)
+
     p = command("unpin", help="let jobs that pass the gate promote again",
                 description="Set the promotion policy to automatic.")
     http(p)
@@ -908,7 +974,12 @@ def _positive(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        logging.basicConfig(level=_read(CommonSettings, home=args.home).log_level,
+        level = logging.getLevelName(_read(CommonSettings, home=args.home).log_level)
+        if args.func is not cmd_up and not args.verbose:
+            # A one-shot command shows its own output (a progress bar, a table), warnings and
+            # errors; the service (`up`) logs at VISIONLOOP_LOG_LEVEL.
+            level = max(level, logging.WARNING)
+        logging.basicConfig(level=level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         _quiet_libraries(args.verbose)
         return int(args.func(args))
@@ -917,6 +988,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `visionloop models | head`: the reader left; nothing to say
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return 0
     except Exception as exc:
         import httpx
 

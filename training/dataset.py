@@ -88,6 +88,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
+from urllib.parse import quote
 
 from filelock import FileLock
 
@@ -679,8 +680,8 @@ class DatasetStore:
             if op == "rename" and present:
                 raise LabelExists(
                     f"label {new!r} already exists ({present} images); to put the images of "
-                    f"{old!r} under it, merge: POST /v1/dataset/labels/{{label}}/merge "
-                    f"with {{\"into\": {new!r}}}")
+                    f"{old!r} under it, merge: POST /v1/dataset/labels/{quote(old, safe='')}"
+                    f"/merge with {json.dumps({'into': new}, ensure_ascii=False)}")
             if op == "merge" and not present:
                 raise LabelNotFound(f"no label {new!r} to merge {old!r} into; to give {old!r} "
                                     "a new name, rename it")

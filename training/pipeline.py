@@ -432,7 +432,7 @@ def _train(home: Path, cfg: TrainConfig, job_id: str, source: str,
                 raise JobNotResumable(
                     f"job {job_id} cannot be resumed: its dataset snapshot is gone and the "
                     "dataset changed while the resume started; start a new job "
-                    "(POST /v1/train)")
+                    "(POST /v1/train, or `visionloop train`)")
             if resume.discard_run:  # a run state Ray cannot restore: start the run afresh
                 log.warning("job %s: runs/%s holds no usable checkpoint; resuming from the "
                             "start", job_id, job_id)
@@ -574,7 +574,7 @@ def plan_resume(home: Path, job_id: str, lock_held: bool = False) -> ResumePlan:
     elif status == "succeeded":
         raise JobNotResumable(
             f"job {job_id} succeeded (it published {record.get('version')}): there is nothing "
-            "to resume; start a new job (POST /v1/train)")
+            "to resume; start a new job (POST /v1/train, or `visionloop train`)")
     elif status not in RESUMABLE:
         raise JobNotResumable(f"job {job_id} has status {status!r}; only failed or cancelled "
                               "jobs can be resumed")
@@ -593,7 +593,8 @@ def plan_resume(home: Path, job_id: str, lock_held: bool = False) -> ResumePlan:
         raise JobNotResumable(
             f"job {job_id} cannot be resumed: it has no checkpoint (runs/{job_id} holds none: "
             "it stopped before its first epoch was saved, or retention removed it) and its "
-            f"dataset snapshot is gone ({ended}); start a new job (POST /v1/train)")
+            f"dataset snapshot is gone ({ended}); start a new job (POST /v1/train, or "
+            "`visionloop train`)")
     if not snapshot:
         expected = (record.get("dataset") or {}).get("images_sha256")
         if expected is None or expected != _digest(store.items()):
@@ -601,7 +602,7 @@ def plan_resume(home: Path, job_id: str, lock_held: bool = False) -> ResumePlan:
                 f"job {job_id} cannot be resumed: its dataset snapshot was removed when "
                 f"{ended}, and the dataset has changed since, so its checkpoint of epoch "
                 f"{from_epoch} would go on training on other images; start a new job "
-                "(POST /v1/train)")
+                "(POST /v1/train, or `visionloop train`)")
     discard = from_epoch is None and (run / RUN_STATE_FILE).exists()
     return ResumePlan(record, cfg, from_epoch, snapshot, discard)
 

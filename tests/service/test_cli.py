@@ -26,7 +26,7 @@ from tests.support.waiting import free_port, wait_for, wait_ready
 from training.config import GateConfig, TrainConfig
 
 COMMANDS = ["up", "train", "import", "models", "predict", "label", "jobs", "cancel", "activate",
-            "pin", "unpin", "predict-dir", "export"]
+            "pin", "unpin", "predict-dir", "export", "trial"]
 
 
 def make_tree(root: Path, per_label: int = 3) -> Path:
@@ -83,6 +83,48 @@ def test_export_then_import_the_tar_and_a_csv(tmp_path: Path,
     out = capsys.readouterr()
     assert "relabelled 1, skipped 1" in out.out and "skipped" in out.err
     assert main(["import", str(tmp_path / "missing.tar"), "--home", str(other)]) == 1
+
+
+HOLD_THE_JOB_LOCK = """
+import sys, time
+from training.jobs import JobStore
+jobs = JobStore(sys.argv[1])
+record = jobs.create({"epochs": 3}, "api")
+lock = jobs.acquire()
+jobs.update(record["job_id"], status="running")
+print(record["job_id"], flush=True)
+time.sleep(120)
+"""
+
+
+def test_train_while_a_job_runs_names_it(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Another process holds the volume's job lock for a running job: `visionloop train` is
+    refused before Ray starts, with the job's id, who started it and how to cancel it."""
+    home = tmp_path / "home"
+    make_tree(tmp_path / "tree", per_label=12)
+    assert main(["import", str(tmp_path / "tree"), "--home", str(home)]) == 0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_JOB_LOCK, str(home)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        job_id = holder.stdout.readline().strip()
+        capsys.readouterr()
+        assert main(["train", "--home", str(home), "--epochs", "1"]) == 1
+        err = capsys.readouterr().err
+        assert job_id and job_id in err and "started by api" in err, err
+        assert f"visionloop cancel {job_id}" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_file_given_as_the_label_folder_says_what_to_give(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "cat.jpg").write_bytes(noisy_image(1, (200, 10, 10)))
+    assert main(["label", str(tmp_path / "cat.jpg"), "--home", str(tmp_path / "h")]) == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "visionloop predict FILE" in err, err
 
 
 def test_train_refuses_too_small_dataset(tmp_path: Path,
@@ -493,6 +535,12 @@ def test_activate_pin_and_unpin_show_the_policy(service: RunningService,
     assert main(["unpin", *http]) == 0
     assert main(["activate", "v9", *http]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+    assert main(["trial", *http]) == 0
+    assert capsys.readouterr().out.startswith("trial: none")
+    assert main(["trial", "v0", "--mode", "canary", *http]) == 1  # the current version
+    assert "HTTP 400" in capsys.readouterr().err
+    assert main(["models", *volume]) == 0
+    assert "trial: none" in capsys.readouterr().out
 
 
 @pytest.mark.slow
