@@ -296,7 +296,11 @@ def import_archive(store: DatasetStore, archive: Path | str | IO[bytes],
     try:
         tar = _open_tar(archive)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InvalidImport(f"not a readable tar archive: {exc}") from None
+        # tarfile's own text lists every compression it tried ("method gz: ReadError(...)"):
+        # the user needs what was expected, not that.
+        raise InvalidImport(f"not a readable tar archive ({type(exc).__name__}): expected a "
+                            "tar (plain, .gz, .bz2 or .xz) made by `visionloop export` or "
+                            "holding <label>/<image> folders") from None
     with tar:
         try:
             files = {_member_name(m): m for m in tar.getmembers() if m.isfile()}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -78,8 +79,12 @@ async def _predict_inputs(request: Request, settings: Settings) -> list[Upload]:
     if ctype == "application/json":
         try:
             body = schemas.PredictJsonRequest.model_validate_json(await request.body())
-        except ValueError as exc:
-            raise BadRequest(f"invalid JSON body: {exc}") from None
+        except ValidationError as exc:  # pydantic's text names its model and docs URL
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                for e in exc.errors(include_url=False))
+            raise BadRequest(f"invalid JSON body: {problems} (expected "
+                             '{"images": ["<base64>", ...]})') from None
         check_count(len(body.images), settings.max_files)
         out: list[Upload] = []
         for i, b64 in enumerate(body.images):

@@ -55,7 +55,11 @@ def test_predict_rejects_empty_and_odd_bodies(api: Api) -> None:
                  415)
     assert_error(c.post("/v1/predict", json={"images": ["%%%"]}), 400)
     assert_error(c.post("/v1/predict", json={"images": []}), 400, "no_images")
-    assert_error(c.post("/v1/predict", json={"pictures": []}), 400)
+    r = c.post("/v1/predict", json={"pictures": []})
+    assert_error(r, 400)
+    message = r.json()["error"]["message"]
+    assert "images: Field required" in message and '{"images"' in message, message
+    assert "pydantic" not in message and "PredictJsonRequest" not in message, message
     assert_error(c.post("/v1/predict", content=b"{not json",
                         headers={"content-type": "application/json"}), 400, "bad_request")
     assert_error(c.post("/v1/predict", files=files(("a.png", image_bytes())),
