@@ -1,9 +1,10 @@
 // Predict: drop, pick or paste images; each is sent on its own request (so one refused file
 // shows its own error and the others still get answers), at most three at a time. Each answer
-// shows the top-k as bars and the version that answered; signed in, a correct label can be
+// shows the top-k as bars and the version that answered (“unknown (below threshold X)” when
+// its best score is below the threshold, the bars still drawn); signed in, a correct label can be
 // sent back as feedback.
 import { api } from "./api.js";
-import { h, clear, pool, bytes } from "./dom.js";
+import { h, clear, pool, bytes, pct } from "./dom.js";
 import { bar } from "./charts.js";
 
 const ACCEPT = "image/jpeg,image/png,image/webp";
@@ -83,8 +84,12 @@ export function mount(root, ctx) {
       const answer = await api(`/v1/predict?${query}`, { method: "POST", form });
       const p = answer.predictions[0];
       card.dataset.label = p.label;
+      // Below the threshold (the version's, or the request's min_score) the answer is
+      // `unknown`; the top-k bars still show what the model thought.
+      card.classList.toggle("unknown", !!p.unknown);
       clear(body,
-        h("p", { class: "verdict" }, h("strong", { class: "predicted-label" }, p.label),
+        h("p", { class: "verdict" }, h("strong", { class: "predicted-label" }, p.unknown ? "unknown" : p.label),
+          p.unknown ? h("span", { class: "unknown-note" }, ` (below threshold ${pct(p.threshold)})`) : null,
           " ", h("span", { class: "muted small" }, `by ${answer.model_version}`)),
         h("div", { class: "bars" }, ...p.top_k.map((t) => bar(t.label, t.score))),
         ctx.signedIn() ? feedbackForm(p) : h("p", { class: "muted small" }, "Sign in to send the correct label back."));

@@ -68,6 +68,10 @@ def test_train_from_the_page_then_activate_the_old_version_back(
     page.wait_for_selector("#version-card:has-text('Per-class accuracy (test split)')")
     assert page.locator("#version-card table.confusion").count() == 1
     assert "Parent" in page.inner_text("#version-card")
+    # a trained version's calibration and threshold records, and its (not yet judged) drift
+    assert "Temperature" in page.inner_text("#card-calibration")
+    assert "Target precision" in page.inner_text("#card-threshold")
+    assert "Not judged yet" in page.inner_text("#card-drift")
     page.select_option("#compare-a", "v0")
     page.select_option("#compare-b", "v1")
     page.click("#compare button[type=submit]")
