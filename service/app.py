@@ -19,8 +19,13 @@ Request flow:
                                   │     schedule tick every second; retention every minute
                                   ├─ routes/ops: /readyz, /metrics ─▶ broadcast to every replica
                                   │     (status, request metrics summed)
-                                  └─ routes/models: list, manifest, plots, weights ─▶ Registry;
-                                        activate ─▶ CURRENT, then broadcast `reload`
+                                  ├─ routes/models: list, manifest, plots, weights ─▶ Registry;
+                                  │     activate ─▶ CURRENT (+ POLICY), then broadcast `reload`;
+                                  │     trial ─▶ TRIAL, then broadcast `reload`
+                                  ├─ routes/exchange: explain (Grad-CAM in the replica), dataset
+                                  │     export/import, ONNX/pt2 downloads, predict-dir jobs
+                                  │     ─▶ a detached Ray actor running Ray Data
+                                  └─ routes/web: the page at / and job progress as SSE
 
     Every refusal is a `training.errors.DomainError` (code + status), raised where it is found
     (in a replica, in the controller behind its handle, in the stores) and answered by the one
