@@ -69,6 +69,10 @@ SERVE_ENVIRONMENT = {
     # host, and two services on one machine collide. Inside a compose network those ports are
     # not published, hence on there.
     "RAY_SERVE_ENABLE_HA_PROXY": "0",
+    # With HAProxy, a stopping API replica first waits this long for the front end to stop
+    # routing to it (Ray 2.60's default: 30 s, on every stop); the front end runs beside the
+    # replicas and learns of it at once. docker-compose.yml sets the same.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
 
 

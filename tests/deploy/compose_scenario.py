@@ -132,9 +132,9 @@ class Timings:
             self.steps.append((name, took))
             say(f"--- {name}: {took:.1f} s")
 
-    def report(self, outcome: str, facts: dict[str, object] | None = None) -> None:
+    def report(self, outcome: str, record: dict[str, object] | None = None) -> None:
         """Print the step durations; with VISIONLOOP_E2E_TIMINGS=FILE also write them (and
-        `facts`, e.g. the image's size) to FILE as JSON, the record the README's deploy
+        `record`, e.g. the image's size) to FILE as JSON, the record the README's deploy
         figures come from."""
         say("")
         say(f"compose e2e {outcome}; step durations:")
@@ -147,7 +147,7 @@ class Timings:
             Path(target).write_text(json.dumps({
                 "outcome": outcome, "date": time.strftime("%Y-%m-%d"),
                 "steps_s": {name: round(took, 1) for name, took in self.steps},
-                "total_s": round(total, 1), **(facts or {})}, indent=2) + "\n")
+                "total_s": round(total, 1), **(record or {})}, indent=2) + "\n")
 
 
 def say(message: str) -> None:
@@ -405,7 +405,7 @@ def main() -> int:
     image = os.environ.get("VISIONLOOP_E2E_IMAGE", "visionloop:e2e")
     keep = os.environ.get("VISIONLOOP_E2E_KEEP") == "1"
     stack: Stack | None = None
-    facts: dict[str, object] = {}
+    record: dict[str, object] = {}  # for VISIONLOOP_E2E_TIMINGS
     outcome = "FAILED"
     try:
         with timings.step("engine"):
@@ -427,9 +427,9 @@ def main() -> int:
             run([*cmd, "."], timeout=2400)
         size = run(["docker", "image", "inspect", "--format", "{{.Size}}", image],
                    timeout=60, check=False, quiet=True).stdout.strip()
-        facts["image_bytes"] = int(size) if size.isdigit() else None
-        facts["base_image"] = base or "python:3.11-slim-bookworm (the Dockerfile's default)"
-        say(f"image {image}: {facts['image_bytes']} bytes")
+        record["image_bytes"] = int(size) if size.isdigit() else None
+        record["base_image"] = base or "python:3.11-slim-bookworm (the Dockerfile's default)"
+        say(f"image {image}: {record['image_bytes']} bytes")
 
         workdir = Path(tempfile.mkdtemp(prefix="visionloop-e2e-"))
         stack = Stack(image, gpu, workdir)
@@ -721,7 +721,7 @@ def main() -> int:
             else:
                 with timings.step("down -v (cleanup)"):
                     run(stack.compose("down", "-v", "--timeout", "60"), timeout=300, check=False)
-        timings.report(outcome, facts)
+        timings.report(outcome, record)
 
 
 if __name__ == "__main__":
