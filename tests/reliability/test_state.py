@@ -149,7 +149,9 @@ def test_ops_flood_costs_predictions_little(svc: RunningService) -> None:
     assert alone and health and ops
 
 
-HOSTILE = ["x" * 10_000, "%00", "a%00b", "..", "%2e%2e%2fsecrets", "v1%0a", "%ff%fe",
+# A literal ".." is not here: the HTTP client resolves it before sending (".../images/.." is
+# sent as ".../images", another route); its encoded form is.
+HOSTILE = ["x" * 10_000, "%00", "a%00b", "%2e%2e", "%2e%2e%2fsecrets", "v1%0a", "%ff%fe",
            "-1", "v99999999999999999999", "%e2%80%ae", " "]
 
 
