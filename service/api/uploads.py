@@ -35,23 +35,30 @@ def content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_form(request: Request, max_files: int) -> tuple[list[Upload], dict[str, str]]:
-    """Multipart -> ([(filename, bytes) of field `files`], other text fields)."""
+async def read_multipart(request: Request, max_files: int
+                         ) -> tuple[dict[str, list[tuple[str | None, bytes]]], dict[str, str]]:
+    """Multipart -> (file parts by field name: [(client file name, bytes)], text fields), with
+    the file count bounded (413) and an unreadable form refused (400)."""
     try:
         form = await request.form(max_files=max_files, max_fields=max_files + 16)
     except StarletteHTTPException as exc:
         if "too many files" in str(exc.detail).lower():
             raise TooManyFiles(f"more than {max_files} files in one request") from None
         raise BadRequest(f"unreadable form: {exc.detail}") from None
-    files: list[Upload] = []
+    files: dict[str, list[tuple[str | None, bytes]]] = {}
     fields: dict[str, str] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
-            if key == "files":
-                files.append((value.filename, await value.read()))
+            files.setdefault(key, []).append((value.filename, await value.read()))
         else:
             fields[key] = value
     return files, fields
+
+
+async def read_form(request: Request, max_files: int) -> tuple[list[Upload], dict[str, str]]:
+    """Multipart -> ([(filename, bytes) of field `files`], other text fields)."""
+    files, fields = await read_multipart(request, max_files)
+    return list(files.get("files", [])), fields
 
 
 def check_count(count: int, max_files: int) -> None:

@@ -28,6 +28,17 @@ def ledger_events(home: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def ledger_state(home: Path) -> dict[str, str]:
+    """The ledger replayed image by image (added/relabelled minus deleted): sha256 -> label."""
+    state: dict[str, str] = {}
+    for e in ledger_events(home):
+        if e["event"] in ("added", "relabelled"):
+            state[e["sha256"]] = e["label"]
+        elif e["event"] == "deleted":
+            state.pop(e["sha256"], None)
+    return state
+
+
 def check_dataset_integrity(home: Path) -> dict[str, str]:
     """Every stored file is named by the sha256 of its own bytes, no temp file is left, every
     ledger line parses and the ledger's net state (added/relabelled minus deleted) is exactly
@@ -46,13 +57,7 @@ def check_dataset_integrity(home: Path) -> dict[str, str]:
     tmp = home / "dataset" / ".tmp"
     leftovers = list(tmp.iterdir()) if tmp.exists() else []
     assert not leftovers, f"temp files left: {leftovers}"
-    state: dict[str, str] = {}
-    for e in ledger_events(home):
-        if e["event"] in ("added", "relabelled"):
-            state[e["sha256"]] = e["label"]
-        elif e["event"] == "deleted":
-            state.pop(e["sha256"], None)
-    assert state == stored, "ledger and files disagree"
+    assert ledger_state(home) == stored, "ledger and files disagree"
     return stored
 
 

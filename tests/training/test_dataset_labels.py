@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.support.dataset import check_dataset_integrity, dataset_images, ledger_events
+from tests.support.dataset import (
+    check_dataset_integrity,
+    dataset_images,
+    ledger_events,
+    ledger_state,
+)
 from tests.support.images import COLOURS, encode, labelled_set, noisy_image, noisy_picture
 from training.dataset import (
     LABEL_FILE,
@@ -43,15 +48,6 @@ def _add(store: DatasetStore, label: str, n: int, seed: int = 0) -> list[str]:
             for i in range(n)]
 
 
-def _replay(home: Path) -> dict[str, str]:
-    """The ledger replayed image by image: sha256 -> label."""
-    state: dict[str, str] = {}
-    for e in ledger_events(home):
-        if e["event"] in ("added", "relabelled"):
-            state[e["sha256"]] = e["label"]
-        elif e["event"] == "deleted":
-            state.pop(e["sha256"], None)
-    return state
 
 
 @pytest.mark.parametrize("label", ["Golden Retriever", "Egyptian cat", "jack-o'-lantern",
@@ -215,7 +211,7 @@ def test_rename_moves_every_image_and_is_recorded(tmp_path: Path) -> None:
     assert not folder.exists()
     store.rename_label("Dark Red (old)", "red")
     assert store.counts() == {"blue": 2, "red": 3}
-    assert _replay(tmp_path) == {i.sha256: i.label for i in store.items()}
+    assert ledger_state(tmp_path) == {i.sha256: i.label for i in store.items()}
     assert sorted(p.name for p in (tmp_path / "dataset").iterdir()) == \
         [".lock", ".snapshots", ".tmp", "blue", "ledger.jsonl", "red"]
 
@@ -373,7 +369,7 @@ def test_a_crash_after_the_commit_is_finished_before_anyone_reads(tmp_path: Path
     assert store.counts() == expected
     assert not (tmp_path / "dataset" / RELABEL_PLAN).exists()
     assert not (tmp_path / "dataset" / "red").exists()
-    assert _replay(tmp_path) == {**{s: "blue" for s in blue}, **{s: target for s in red}}
+    assert ledger_state(tmp_path) == {**{s: "blue" for s in blue}, **{s: target for s in red}}
     assert [e["event"] for e in ledger_events(tmp_path)].count(f"label_{op}d") == 1
     assert {i.label for i in store.snapshot("job").items()} == set(expected)
 

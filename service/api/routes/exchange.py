@@ -41,13 +41,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import schemas
 from service.api.deps import ApiToken, PredictToken, RegistryDep, SettingsDep, StoreDep
-from service.api.errors import BadRequest, TooManyFiles, UnsupportedMediaType
-from service.api.uploads import FORM_TYPES, check_count, content_type, probe
+from service.api.errors import UnsupportedMediaType
+from service.api.uploads import FORM_TYPES, check_count, content_type, probe, read_multipart
 from service.settings import Settings
 from training import batch_jobs
 from training.batch import resolve_version, whole_lines
@@ -73,23 +71,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 async def _form(request: Request, max_files: int) -> tuple[dict[str, list[tuple[str, bytes]]],
                                                            dict[str, str]]:
-    """Multipart -> (file parts by field name: [(file name, bytes)], text fields)."""
+    """Multipart -> (file parts by field name: [(file name, bytes)], text fields); a part
+    without a file name is named by its field."""
     if content_type(request) not in FORM_TYPES:
         raise UnsupportedMediaType("send multipart/form-data")
-    try:
-        form = await request.form(max_files=max_files, max_fields=max_files + 16)
-    except StarletteHTTPException as exc:
-        if "too many files" in str(exc.detail).lower():
-            raise TooManyFiles(f"more than {max_files} files in one request") from None
-        raise BadRequest(f"unreadable form: {exc.detail}") from None
-    files: dict[str, list[tuple[str, bytes]]] = {}
-    fields: dict[str, str] = {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            files.setdefault(key, []).append((value.filename or key, await value.read()))
-        else:
-            fields[key] = value
-    return files, fields
+    parts, fields = await read_multipart(request, max_files)
+    return {key: [(name or key, data) for name, data in items]
+            for key, items in parts.items()}, fields
 
 
 def _explainer(request: Request, home: str, max_pixels: int) -> Explainer:
