@@ -54,3 +54,37 @@ def start_service(home: Path, **overrides: Any) -> RunningService:
     wait_ready(url, timeout=120)
     token, _ = ensure_api_token(settings.home, settings.api_token)
     return RunningService(url, settings.home, token, settings)
+
+
+@dataclass
+class InProcessApp:
+    """The real API app over the real stores of `settings.home`, with an in-process classifier
+    and training controller (no Serve): for TestClient and for a uvicorn server in a thread."""
+
+    app: Any
+    settings: Any
+    token: str
+    controller: Any
+
+
+def in_process_app(home: Path, client_type: Any = None, **overrides: Any) -> InProcessApp:
+    """`overrides`: Settings fields; `client_type`: the classifier client class (default
+    InProcessClassifier; a subclass may count or hold calls)."""
+    from service.api import create_api
+    from service.api.clients import InProcessClassifier, InProcessController
+    from service.api.metrics import Metrics
+    from service.app import prepare_home
+    from service.classifier import Classifier
+    from service.controller import TrainingController
+    from service.security import ensure_api_token
+    from service.settings import load_settings
+
+    settings, _ = prepare_home(load_settings(home=home, backbone=BACKBONE, **overrides))
+    token, _ = ensure_api_token(settings.home, settings.api_token)
+    metrics = Metrics()
+    classifier = Classifier(settings.home, max_pixels=settings.max_pixels, threads=1)
+    classifier.sync()
+    controller = TrainingController(settings)
+    app = create_api(settings, token, (client_type or InProcessClassifier)(classifier, metrics),
+                     InProcessController(controller), metrics)
+    return InProcessApp(app, settings, token, controller)

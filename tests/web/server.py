@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.service import BACKBONE
+from tests.support.service import BACKBONE, in_process_app
 from tests.support.waiting import free_port, wait_for
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -98,25 +98,10 @@ def publish_v0(home: Path) -> None:
 def serve_volume(home: Path, v0_from: Path | None = None, **overrides: Any) -> WebService:
     """The app on volume `home` (with the models of `v0_from` copied in first, when given),
     `overrides` as Settings fields, served on a free loopback port until `.stop()`."""
-    from service.api import create_api
-    from service.api.clients import InProcessClassifier, InProcessController
-    from service.api.metrics import Metrics
-    from service.app import prepare_home
-    from service.classifier import Classifier
-    from service.controller import TrainingController
-    from service.security import ensure_api_token
-    from service.settings import load_settings
-
     if v0_from is not None and not (home / "models").exists():
         shutil.copytree(v0_from / "models", home / "models")
-    settings, _ = prepare_home(load_settings(home=home, backbone=BACKBONE, **overrides))
-    token, _ = ensure_api_token(settings.home, settings.api_token)
-    metrics = Metrics()
-    classifier = Classifier(settings.home, max_pixels=settings.max_pixels, threads=1)
-    classifier.sync()
-    controller = TrainingController(settings)
-    app = create_api(settings, token, InProcessClassifier(classifier, metrics),
-                     InProcessController(controller), metrics)
+    made = in_process_app(home, **overrides)
+    settings, token, controller, app = made.settings, made.token, made.controller, made.app
     port = free_port()
     service = WebService(f"http://127.0.0.1:{port}", settings.home, token, settings,
                          controller, app, port)

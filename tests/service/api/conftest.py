@@ -19,16 +19,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_api
-from service.api.clients import InProcessClassifier, InProcessController
-from service.api.metrics import Metrics
+from service.api.clients import InProcessClassifier
 from service.app import prepare_home
-from service.classifier import Classifier
 from service.controller import TrainingController
-from service.security import ensure_api_token
 from service.settings import Settings, load_settings
 from tests.support.dataset import dataset_images
-from tests.support.service import BACKBONE
+from tests.support.service import BACKBONE, in_process_app
 
 
 @dataclass
@@ -69,16 +65,10 @@ def make_api(v0_volume: Path, tmp_path_factory: pytest.TempPathFactory
         counts or holds calls)."""
         home = tmp_path_factory.mktemp("api-home")
         shutil.copytree(v0_volume / "models", home / "models")
-        settings, _ = prepare_home(load_settings(home=home, backbone=BACKBONE, **overrides))
-        token, _ = ensure_api_token(settings.home, settings.api_token)
-        metrics = Metrics()
-        classifier = Classifier(settings.home, max_pixels=settings.max_pixels, threads=1)
-        classifier.sync()
-        controller = TrainingController(settings)
-        app = create_api(settings, token, client_type(classifier, metrics),
-                         InProcessController(controller), metrics)
-        api = Api(TestClient(app, raise_server_exceptions=False), settings.home, token,
-                  settings, controller)
+        made_app = in_process_app(home, client_type, **overrides)
+        settings = made_app.settings
+        api = Api(TestClient(made_app.app, raise_server_exceptions=False), settings.home,
+                  made_app.token, settings, made_app.controller)
         made.append(api)
         return api
 
