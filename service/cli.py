@@ -412,7 +412,13 @@ def check_imagefolder(root: Path, command: str) -> list[Path]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from training.dataset import DatasetStore, download_cifar10, iter_cifar10, iter_imagefolder
+    from training.dataset import (
+        DatasetStore,
+        download_cifar10,
+        imagefolder_conflicts,
+        iter_cifar10,
+        iter_imagefolder,
+    )
 
     if args.source.lower().endswith((".csv", ".tar", ".tar.gz", ".tgz")):
         return _import_file(args)
@@ -420,6 +426,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     home = Path(settings.home).resolve()
     loose = [] if args.source == "cifar10" else check_imagefolder(Path(args.source), "import")
     store = DatasetStore(home, settings.max_pixels)
+    conflicts: list[tuple[str, str]] = []
     if args.source == "cifar10":
         folder = Path(args.from_folder) if args.from_folder else None
         if folder is None:
@@ -431,13 +438,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         files: Iterator[tuple[str, str, bytes]] = iter_cifar10(folder, args.subset)
         source = "import:cifar10"
     else:
-        files = iter_imagefolder(Path(args.source))
+        conflicts = imagefolder_conflicts(Path(args.source))
+        files = iter_imagefolder(Path(args.source), exclude={p for p, _ in conflicts})
         source = "import"
     try:
         report = store.ingest_many(files, source)
     except (OSError, pickle.UnpicklingError, KeyError) as exc:
         raise CliError(f"cannot read {args.source}: {type(exc).__name__}: {exc}") from None
-    report.skipped[:0] = [(str(p), NOT_IN_A_LABEL_FOLDER) for p in loose]
+    report.skipped[:0] = [(str(p), NOT_IN_A_LABEL_FOLDER) for p in loose] + conflicts
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     print(report.summary())
@@ -682,11 +690,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from training.dataset import iter_imagefolder
+    from training.dataset import imagefolder_conflicts, iter_imagefolder
 
     loose = check_imagefolder(Path(args.dir), "label")
+    conflicts = imagefolder_conflicts(Path(args.dir))
     counts = {"added": 0, "duplicate": 0, "relabelled": 0}
-    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_LABEL_FOLDER) for p in loose]
+    skipped: list[tuple[str, str]] = [(str(p), NOT_IN_A_LABEL_FOLDER) for p in loose] + conflicts
     batch: list[tuple[str, bytes]] = []
     batch_label: str | None = None
 
@@ -708,7 +717,8 @@ def cmd_label(args: argparse.Namespace) -> int:
             counts[r["status"]] += 1
 
     with ServiceClient(args) as client:
-        for name, label, data in iter_imagefolder(Path(args.dir)):
+        for name, label, data in iter_imagefolder(Path(args.dir),
+                                                  exclude={p for p, _ in conflicts}):
             if batch and (label != batch_label or len(batch) >= args.batch):
                 send(client, batch_label or label, batch)
                 batch = []

@@ -940,9 +940,8 @@ class DatasetStore:
         return report
 
 
-def iter_imagefolder(root: Path) -> Iterator[tuple[str, str, bytes]]:
-    """Walk an ImageFolder tree (`root/<label>/<file>`, or `root/train|val|test/<label>/...`
-    merged) -> (path, label, bytes). Labels come from folder names, validated by ingest."""
+def _imagefolder_files(root: Path) -> Iterator[tuple[Path, str]]:
+    """(file, label) of an ImageFolder tree, in the order `iter_imagefolder` reads them."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
@@ -953,7 +952,42 @@ def iter_imagefolder(root: Path) -> Iterator[tuple[str, str, bytes]]:
         for label_dir in sorted(p for p in top.iterdir() if p.is_dir()):
             for f in sorted(label_dir.rglob("*")):
                 if f.is_file() and not f.name.startswith("."):
-                    yield str(f), label_dir.name, f.read_bytes()
+                    yield f, label_dir.name
+
+
+def iter_imagefolder(root: Path, exclude: Collection[str] = ()
+                     ) -> Iterator[tuple[str, str, bytes]]:
+    """Walk an ImageFolder tree (`root/<label>/<file>`, or `root/train|val|test/<label>/...`
+    merged) -> (path, label, bytes), leaving out the paths in `exclude`. Labels come from
+    folder names, validated by ingest."""
+    for f, label in _imagefolder_files(root):
+        if str(f) not in exclude:
+            yield str(f), label, f.read_bytes()
+
+
+def imagefolder_conflicts(root: Path) -> list[tuple[str, str]]:
+    """The files of an ImageFolder tree whose image (the same bytes) is also filed under
+    another label in the same tree -> [(path, reason)]. An image has one label; reading such a
+    tree in order would keep whichever folder came last and count it as `relabelled`, a silent
+    guess. So the importers skip every copy of such an image and report each, naming the other
+    folder(s); the rest of the tree is imported. (The same image twice under one label, or in
+    train/ and val/ of one label, is a plain duplicate, not a conflict.) Relabelling an image
+    already in the dataset, from a later folder, is still allowed: that is a decision."""
+    seen: dict[str, list[tuple[Path, str]]] = {}
+    for f, label in _imagefolder_files(root):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        seen.setdefault(digest, []).append((f, label))
+    out: list[tuple[str, str]] = []
+    for copies in seen.values():
+        labels = sorted({label for _, label in copies})
+        if len(labels) < 2:
+            continue
+        for f, label in copies:
+            others = [str(g.relative_to(root)) for g, other in copies if other != label]
+            out.append((str(f), f"the same image is filed under {len(labels)} labels "
+                                f"({', '.join(labels)}; also {', '.join(others)}); an image has "
+                                "one label: keep it in one folder"))
+    return sorted(out)
 
 
 # -- CIFAR-10 ------------------------------------------------------------------------------------

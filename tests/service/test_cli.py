@@ -282,6 +282,34 @@ def test_import_skips_files_beside_label_folders(tmp_path: Path,
     assert f"skipped {tree / 'loose.png'}: not in a label folder" in out.err
 
 
+def test_import_skips_an_image_filed_under_two_labels(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same bytes in red/ and blue/: neither copy is imported (which label is right is the
+    user's call, not the folder order's), each is reported naming the other; the rest goes in,
+    and a copy under the same label (train/ and val/ of one label) is a plain duplicate."""
+    tree = tmp_path / "tree"
+    for split in ("train", "val"):
+        for label, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            (tree / split / label).mkdir(parents=True)
+            for i in range(2):
+                (tree / split / label / f"{i}.png").write_bytes(
+                    noisy_image(i + (10 if split == "val" else 0), color))
+    twice = tree / "train" / "red" / "0.png"
+    (tree / "val" / "blue" / "x.png").write_bytes(twice.read_bytes())
+    (tree / "val" / "red" / "same.png").write_bytes(twice.read_bytes())  # same label: duplicate
+    home = tmp_path / "home"
+    assert main(["import", str(tree), "--home", str(home)]) == 0
+    out = capsys.readouterr()
+    assert "added 7, duplicate 0, relabelled 0, skipped 3" in out.out, out
+    for path, other in ((twice, "val/blue/x.png"), (tree / "val" / "blue" / "x.png",
+                                                    "train/red/0.png, val/red/same.png")):
+        assert (f"skipped {path}: the same image is filed under 2 labels (blue, red; also "
+                f"{other}); an image has one label: keep it in one folder") in out.err, out.err
+    stored = sorted(p.name for p in (home / "dataset").rglob("*.*") if p.parent.name in
+                    ("red", "blue"))
+    assert len(stored) == 7
+
+
 def test_train_resume_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--resume takes the job's own configuration (a training flag beside it is refused) and
     an unknown or finished job is refused before Ray starts."""
@@ -473,10 +501,14 @@ def test_label_uploads_label_folders_and_skips_loose_files(
         service: RunningService, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tree = make_tree(tmp_path / "tree")
     (tree / "loose.png").write_bytes(noisy_image(77, (1, 2, 3)))
+    (tree / "blue" / "also-red.png").write_bytes((tree / "red" / "0.png").read_bytes())
     assert main(["label", str(tree), "--url", service.url, "--home", str(service.home)]) == 0
     out = capsys.readouterr()
-    assert "skipped 2" in out.out  # notes.txt (not an image) and loose.png
+    # notes.txt (not an image), loose.png, and both copies of the image filed under two labels
+    assert "skipped 4" in out.out
     assert f"skipped {tree / 'loose.png'}: not in a label folder" in out.err
+    assert (f"skipped {tree / 'red' / '0.png'}: the same image is filed under 2 labels (blue, "
+            "red; also blue/also-red.png)") in out.err
 
 
 @pytest.mark.slow
