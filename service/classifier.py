@@ -52,6 +52,7 @@ from PIL import Image
 from training.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from training.errors import DomainError
 from training.imageio import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from training.inference import draft_size, logits, preprocess_batch
 from training.registry import InvalidVersion, LoadedModel, Registry
 
 log = logging.getLogger(__name__)
@@ -293,9 +294,10 @@ class Classifier:
     def decode(self, data: bytes, loaded: LoadedModel | None = None) -> Image.Image:
         """Untrusted bytes -> RGB image (raises ImageError subclasses; see training.imageio).
         JPEGs are decoded at a reduced scale that still covers the preset's resize (of
-        `loaded`, else of the served model)."""
+        `loaded`, else of the served model; `training.inference.draft_size`), as training's
+        validation and the benchmark's in-process pipeline do."""
         loaded = loaded or self._loaded
-        draft = loaded.preset.resize if loaded else None
+        draft = draft_size(loaded.preset) if loaded else None
         return decode_image(data, self.max_pixels, draft_size=draft)
 
     def predict(self, images: Sequence[Image.Image], top_k: int | Sequence[int] = 5,
@@ -313,10 +315,11 @@ class Classifier:
         if not images:
             return []
         ks = [top_k] * len(images) if isinstance(top_k, int) else list(top_k)
-        batch = torch.stack([loaded.preset(img) for img in images]).to(self.device)
-        with torch.inference_mode():
-            probs = torch.softmax(loaded.model(batch).float() / temperature(loaded.manifest),
-                                  dim=1)
+        # The benchmark's in-process fast path (training.inference): one float32 batch written
+        # in place by the preprocessing, read by the engine without a copy.
+        batch = preprocess_batch(images, loaded.preset)
+        raw = logits(loaded.model, batch, self.device)
+        probs = torch.softmax(raw / temperature(loaded.manifest), dim=1)
         threshold = version_threshold(loaded.manifest)
         k_max = min(max(ks), len(loaded.classes))
         scores, indices = probs.topk(k_max, dim=1)

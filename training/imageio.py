@@ -134,6 +134,12 @@ def open_untrusted(data: bytes, formats: tuple[str, ...] = _OPEN_FORMATS) -> Ima
 
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Check format and size from the header alone; raise an `ImageError` subclass if refused."""
+    return _probe(data, max_pixels)[0]
+
+
+def _probe(data: bytes, max_pixels: int) -> tuple[ImageInfo, Image.Image]:
+    """`probe_image`, also handing back the opened (header-only) image, so that decoding does
+    not parse the header a second time."""
     if not data:
         raise ImageError("empty file")
     img = open_untrusted(data)
@@ -150,7 +156,7 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
-    return ImageInfo(fmt, width, height)
+    return ImageInfo(fmt, width, height), img
 
 
 def decode_image(
@@ -160,10 +166,10 @@ def decode_image(
 
     `draft_size`: for JPEG, let libjpeg decode at a reduced scale (1/2, 1/4, 1/8) whose short side
     stays >= draft_size. Inference resizes to a few hundred pixels anyway, so decoding a
-    12-megapixel photo at full size is wasted work.
+    12-megapixel photo at full size is wasted work. The image that the header probe opened is
+    the one decoded (only the allowed formats' plugins were tried to open it).
     """
-    info = probe_image(data, max_pixels)
-    img: Image.Image = open_untrusted(data, (info.format,))
+    img: Image.Image = _probe(data, max_pixels)[1]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

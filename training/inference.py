@@ -6,23 +6,73 @@ publishing a version also exports `model.onnx` (a protobuf graph, not a pickle),
 its outputs equal eager's within `ATOL`, times both, and records the winner in the manifest's
 `inference` field. The classifier then loads the recorded engine on a
 CPU; on a GPU, or where onnxruntime is missing, it runs eager PyTorch.
+
+The served pipeline and the benchmark's in-process limit are the same functions, so the
+benchmark's best is what the service does: `draft_size(preset)` (JPEG draft size),
+`preprocess_batch` (`preprocess_into` each image's row of one float32 batch) and `logits`
+(the engine on that batch, ONNX Runtime on numpy without a torch round trip).
+
+Draft decoding (a decision): JPEGs are decoded at the largest libjpeg reduction (1/2, 1/4, 1/8)
+whose short side stays >= the preset's *resize* (`draft_size`), as training decodes its
+validation images (`training.engine.make_datasets`), so the calibration temperature and the
+confidence threshold fitted there hold for what is served. Decoding further, to the crop, would
+save about half of the decode's CPU time on images whose short side lies just above 2x the
+crop (640x480 among them; `benchmarks/pipeline.py`, decode section), but the resize then scales
+up, and the probabilities of real photos move by several hundredths: not taken. The fast path
+resamples with the same torchvision kernel as the preset and only reorders the float
+arithmetic of the normalisation, so predictions keep the same top-1 and every class
+probability within `PROBABILITY_TOLERANCE` of the previous pipeline on real photos
+(`tests/training/test_fast_path.py`).
+
+ONNX Runtime session options (`session_options`): `threads` intra-op threads, one inter-op
+thread, sequential execution (the graph is a chain; the parallel executor only adds
+scheduling), every graph optimisation, the CPU memory arena and memory patterns on (a fixed
+input shape reuses one allocation plan). With more than one intra-op thread the pool's threads
+do not spin while idle: replicas share the cores, and a spinning thread burns CPU another
+replica needs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torchvision.transforms.v2 import functional as F
+
+if TYPE_CHECKING:
+    from training.presets import EvalPreset
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 ATOL = 1e-3  # on logits; far above float32 rounding, far below a changed prediction
 CHECK_BATCH = 4
+# Max abs difference of a class probability between the fast path (`preprocess_batch`, ONNX
+# Runtime) and the previous pipeline (the preset's transform, eager PyTorch): ATOL on logits.
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def session_options(threads: int) -> Any:
+    """ONNX Runtime's options for inference (see the module docstring)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.enable_cpu_mem_arena = True
+    opts.enable_mem_pattern = True
+    if threads > 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 class OnnxModule(nn.Module):
@@ -32,16 +82,82 @@ class OnnxModule(nn.Module):
         super().__init__()
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts = session_options(threads or torch.get_num_threads())
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 C-contiguous numpy -> (N, C) logits, no torch in between."""
+        return self.session.run(None, {self.input_name: x})[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to("cpu", torch.float32).contiguous()
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+        return torch.from_numpy(self.run(x.numpy()))
+
+
+def draft_size(preset: EvalPreset) -> int:
+    """The short side JPEGs are draft-decoded to for inference (module docstring)."""
+    return preset.resize
+
+
+def preprocess_into(img: Image.Image, preset: EvalPreset, out: np.ndarray) -> np.ndarray:
+    """RGB image -> `out` ((3, crop, crop) float32, e.g. one row of the engine's input batch):
+    the preset's resize of the short side, centre crop and normalisation, with the fewest
+    copies. The 8-bit pixels are viewed as a channels-last (3, H, W) tensor, which is the
+    layout torchvision's antialiased uint8 resize kernel works in (the preset's contiguous CHW
+    tensor is converted to it first); the resize is the preset's own call
+    (`torchvision.transforms.v2.functional.resize`, same size, interpolation, antialias), the
+    crop a view with `CenterCrop`'s offsets, and the normalisation one fused
+    multiply-subtract from the 8-bit crop into `out`: x * (1 / (255 std)) - mean / std, which
+    is (x / 255 - mean) / std up to float32 rounding."""
+    crop = preset.crop
+    if out.shape != (3, crop, crop) or out.dtype != np.float32:
+        raise ValueError(f"out must be (3, {crop}, {crop}) float32, not {out.shape} "
+                         f"{out.dtype}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    # np.asarray of a Pillow image is a fresh read-only copy; one more copy makes it writable
+    # for torch (which warns on read-only arrays), at a fraction of the resize's cost.
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    resized = F.resize(pixels, [preset.resize], interpolation=_interpolation(preset),
+                       antialias=True)
+    h, w = resized.shape[-2:]
+    top, left = round((h - crop) / 2.0), round((w - crop) / 2.0)  # CenterCrop's offsets
+    cropped = resized[:, top:top + crop, left:left + crop].numpy()
+    std = np.asarray(preset.std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+    shift = (np.asarray(preset.mean, dtype=np.float32) / std).reshape(3, 1, 1)
+    np.multiply(cropped, scale, out=out, casting="unsafe")
+    out -= shift
+    return out
+
+
+def _interpolation(preset: EvalPreset) -> F.InterpolationMode:
+    return F.InterpolationMode(preset.interpolation)
+
+
+def preprocess_batch(images: Sequence[Image.Image], preset: EvalPreset) -> np.ndarray:
+    """RGB images -> (N, 3, crop, crop) float32, each row written in place by
+    `preprocess_into`."""
+    crop = preset.crop
+    batch = np.empty((len(images), 3, crop, crop), dtype=np.float32)
+    for row, img in zip(batch, images, strict=True):
+        preprocess_into(img, preset, row)
+    return batch
+
+
+def logits(model: nn.Module, batch: np.ndarray, device: torch.device | None = None
+           ) -> torch.Tensor:
+    """The engine on a `preprocess_batch` batch -> (N, C) float32 logits (on `device`, else the
+    CPU). ONNX Runtime reads the numpy batch directly; eager PyTorch shares its memory."""
+    if isinstance(model, OnnxModule):
+        out = torch.from_numpy(model.run(batch))
+        return out if device is None else out.to(device)
+    x = torch.from_numpy(batch)
+    if device is not None:
+        x = x.to(device)
+    with torch.inference_mode():
+        return model(x).float()
 
 
 def onnxruntime_available() -> bool:

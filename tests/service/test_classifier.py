@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from service.classifier import Classifier, ModelNotLoaded, Prediction
@@ -18,7 +19,8 @@ from tests.support.service import BACKBONE
 from tests.support.versions import publish_broken_copy
 from tests.support.versions import publish_version as publish
 from tests.support.waiting import wait_for
-from training.imageio import ImageError
+from training.imageio import ImageError, decode_image
+from training.inference import PROBABILITY_TOLERANCE, draft_size, logits, preprocess_batch
 from training.registry import InvalidVersion, Registry, VersionNotFound
 
 
@@ -63,6 +65,31 @@ def test_every_mode_is_classified(home: Path, data: bytes) -> None:
     [result] = clf.predict_bytes([(data, 3)])
     assert isinstance(result, Prediction)
     assert result.version == "v0" and len(result.top_k) == 3
+
+
+def test_the_served_path_is_the_benchmarks_fast_path(home: Path) -> None:
+    """What a replica answers is what `benchmarks.pipeline` measures as "served": draft decode
+    to the resize, `preprocess_batch`, the version's engine on numpy, softmax; and its scores
+    equal eager PyTorch's on the preset's own transform of the same image."""
+    clf = Classifier(home, threads=1)
+    clf.sync()
+    loaded = clf.loaded
+    data = [encode(Image.effect_mandelbrot((640, 480), (-2.0, -1.5, 1.0, 1.5), 60 + i)
+                   .convert("RGB"), "JPEG") for i in range(3)]
+    answers = clf.predict_bytes([(d, 1000) for d in data])
+    images = [decode_image(d, draft_size=draft_size(loaded.preset)) for d in data]
+    fast = logits(loaded.model, preprocess_batch(images, loaded.preset)).softmax(1)
+    eager = Registry(home).load("v0", engine="eager")
+    with torch.inference_mode():
+        reference = eager.model(torch.stack([eager.preset(i) for i in images])).softmax(1)
+    for answer, row, ref in zip(answers, fast, reference, strict=True):
+        assert isinstance(answer, Prediction) and answer.batch_size == 3
+        scores = dict(answer.top_k)
+        assert max(abs(scores[c] - float(p)) for c, p in zip(loaded.classes, row, strict=True)
+                   ) < 1e-5
+        assert max(abs(scores[c] - float(p)) for c, p in zip(loaded.classes, ref, strict=True)
+                   ) <= PROBABILITY_TOLERANCE
+        assert answer.label == loaded.classes[int(ref.argmax())]
 
 
 def test_exif_rotation_is_applied(home: Path) -> None:
