@@ -36,19 +36,28 @@ Request flow:
     each replica polls it about every second (and reloads at once on the activate broadcast),
     loads and checks the new version, then swaps one reference.
 
-Resource plan: see `service.deployments` (Serve actors take 0 CPUs; training takes the rest).
+Resource plan: see `service.deployments` (Serve actors take 0 CPUs; training takes the rest;
+the number of API replicas and their threads follow the machine unless set).
+
+Lifetime: `visionloop up` starts the local Ray cluster in its own process (Ray ties the
+cluster's processes to it), with Serve's front end made unable to outlive it
+(`guard_haproxy`), and stops it with `service.cli.stop_service`: bounded, and without Serve's
+failed-call noise. A SIGKILL of `visionloop up` leaves no process and no bound port.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from service.deployments import ControllerDeployment, IngressDeployment
+from service.deployments import ControllerDeployment, IngressDeployment, classifier_plan
 from service.security import ensure_api_token
 from service.settings import Settings
 from training.registry import Registry
@@ -62,23 +71,118 @@ APP_NAME = "visionloop"
 # before the local cluster starts (`serve_environment`), or in the environment of every
 # `ray start` of an existing cluster (docker-compose.yml passes them). A value already set wins.
 SERVE_ENVIRONMENT = {
-    # Serve's HAProxy front end is opt-in for `visionloop up` (RAY_SERVE_ENABLE_HA_PROXY=1) and on
-    # in compose. It answers faster than the Python proxy (benchmarks/serving.py; figures in the
-    # README, Performance), but Ray 2.60's HAProxy also binds its stats page (8404) and metrics
-    # (9101) on every interface: against our rule that nothing but the API is exposed on a
-    # host, and two services on one machine collide. Inside a compose network those ports are
-    # not published, hence on there.
-    "RAY_SERVE_ENABLE_HA_PROXY": "0",
+    # Serve's HAProxy front end, on by default (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's Python
+    # proxy): it answers faster (benchmarks/serving.py; figures in the README, Performance).
+    # On a cluster `visionloop up` starts itself it is made safe first (`guard_haproxy`): it
+    # cannot outlive the service, and its stats page and metrics listen on loopback only, on
+    # ports of their own. Without an HAProxy binary the Python proxy serves instead.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # With HAProxy, a stopping API replica first waits this long for the front end to stop
     # routing to it (Ray 2.60's default: 30 s, on every stop); the front end runs beside the
     # replicas and learns of it at once. docker-compose.yml sets the same.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
 }
 
+# HAProxy's stats page and Prometheus metrics ports (Ray 2.60: 8404 and 9101 by default, bound
+# on every interface). Chosen free per local cluster unless set by the user.
+HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# The binary the guard runs (Ray's own choice, resolved once by the process that starts Ray).
+HAPROXY_REAL_BINARY = "VISIONLOOP_HAPROXY_BINARY"
+# Which values of HAPROXY_PORT_VARIABLES were chosen by us (a child `visionloop up` chooses
+# its own again instead of taking its parent's, which that parent's HAProxy may hold).
+_CHOSEN_PORTS = "VISIONLOOP_HAPROXY_CHOSEN_PORTS"
+
+# `RAY_SERVE_HAPROXY_BINARY_PATH` for a cluster `visionloop up` starts: Ray 2.60 starts HAProxy
+# with a plain fork/exec from its HAProxyManager actor, so HAProxy is in a process group of its
+# own and nothing kills it when that actor dies without its shutdown (a SIGKILL of the service,
+# a crash): it kept the service port. This guard asks the kernel to SIGKILL it when its parent
+# (the HAProxyManager actor) dies (prctl PR_SET_PDEATHSIG, kept across exec), and that actor
+# dies with the raylet, which dies with `visionloop up` (Ray's own fate sharing): no HAProxy
+# outlives the service. It also rewrites the `bind` lines of the stats and metrics ports in the
+# configuration Ray wrote (under Ray's own lock on it) to 127.0.0.1, then execs the real binary
+# with the same arguments (Ray finds its processes by the configuration path in their command
+# line, which stays the same).
+HAPROXY_GUARD = r'''#!{python} -I
+"""visionloop's HAProxy guard (written by service.app.guard_haproxy; see there)."""
+import ctypes, fcntl, os, re, signal, sys
+
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() == 1:  # the parent died before prctl: nobody to serve
+    sys.exit(1)
+real = os.environ["VISIONLOOP_HAPROXY_BINARY"]
+args = sys.argv[1:]
+ports = [os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"),
+         os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", "9101")]
+if "-f" in args:
+    path = args[args.index("-f") + 1]
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with open(path) as f:
+            text = f.read()
+        pattern = r"(?m)^(\s*bind\s+)(?:\*|0\.0\.0\.0|::|\[::\])?:(%s)\s*$" % "|".join(
+            re.escape(p) for p in ports)
+        loopback = re.sub(pattern, r"\g<1>127.0.0.1:\2", text)
+        if loopback != text:
+            with open(path, "w") as f:
+                f.write(loopback)
+os.execv(real, [real, *args])
+'''
+
 
 def serve_environment() -> None:
+    """The Serve environment of a local cluster this process starts: SERVE_ENVIRONMENT's
+    defaults, then, with HAProxy on, `guard_haproxy`. Call before `ray.init`."""
     for key, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        guard_haproxy()
+
+
+def guard_haproxy() -> Path | None:
+    """Make the HAProxy of the local cluster about to start safe (HAPROXY_GUARD): write the
+    guard (per user, in the temporary folder; replaced atomically when its text changes), point
+    `RAY_SERVE_HAPROXY_BINARY_PATH` at it and `VISIONLOOP_HAPROXY_BINARY` at the binary Ray
+    would have run, and give the stats and metrics ports free loopback ports unless set (two
+    services on one machine do not collide). No HAProxy binary, or not Linux (the guard needs
+    prctl): HAProxy is turned off (the Python proxy serves), with a warning. -> the guard's
+    path, or None when turned off."""
+    if not sys.platform.startswith("linux"):
+        log.warning("HAProxy is only made safe on Linux: Serve's Python proxy serves instead")
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        return None
+    guard = Path(tempfile.gettempdir()) / f"visionloop-{os.getuid()}" / "haproxy-guard"
+    real = os.environ.get(HAPROXY_REAL_BINARY)
+    if not real or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") != str(guard):
+        from ray.serve._private.haproxy import _resolve_haproxy_binary
+
+        try:
+            real = _resolve_haproxy_binary()
+        except FileNotFoundError as exc:
+            log.warning("HAProxy is not available (%s): Serve's Python proxy serves instead", exc)
+            os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+            return None
+    text = HAPROXY_GUARD.replace("{python}", sys.executable)
+    guard.parent.mkdir(mode=0o700, exist_ok=True)
+    if not guard.is_file() or guard.read_text() != text:
+        tmp = guard.with_name(f"{guard.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, guard)
+    os.environ[HAPROXY_REAL_BINARY] = real
+    os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(guard)
+    chosen = os.environ.get(_CHOSEN_PORTS, "")
+    if all(os.environ.get(v) is None for v in HAPROXY_PORT_VARIABLES) or \
+            chosen == ",".join(os.environ.get(v, "") for v in HAPROXY_PORT_VARIABLES):
+        ports = [_free_loopback_port() for _ in HAPROXY_PORT_VARIABLES]
+        os.environ.update(zip(HAPROXY_PORT_VARIABLES, map(str, ports), strict=True))
+        os.environ[_CHOSEN_PORTS] = ",".join(map(str, ports))
+    return guard
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def prepare_home(settings: Settings) -> tuple[Settings, Path | None]:
@@ -99,6 +203,9 @@ def prepare_home(settings: Settings) -> tuple[Settings, Path | None]:
 
 
 def build_app(settings: Settings) -> Application:
+    """The application: the controller and the API replicas, as many and with as many threads
+    as `service.deployments.classifier_plan` gives (the settings, else the machine)."""
+    settings = classifier_plan(settings)
     controller_d: Any = ControllerDeployment  # Serve deployments (mypy sees the classes)
     ingress_d: Any = IngressDeployment
     controller = controller_d.bind(settings)

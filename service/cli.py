@@ -208,7 +208,14 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
                  logging_level=level)
 
 
+# Set in the environment of the child that `visionloop up` runs the service in (`_supervise`).
+UP_CHILD = "VISIONLOOP_UP_CHILD"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    if os.environ.get(UP_CHILD) != "1":
+        _read(Settings, home=args.home, host=args.host, port=args.port)  # bad settings: here
+        return _supervise(args)
     from ray import serve
 
     from service.app import APP_NAME, build_app, prepare_home
@@ -238,12 +245,108 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("API token: from VISIONLOOP_API_TOKEN", flush=True)
     stop.wait()
     print("stopping...", flush=True)
-    import ray
-
-    serve.shutdown()
-    ray.shutdown()
-    print("stopped", flush=True)
+    started = time.monotonic()
+    stop_service()
+    print(f"stopped ({time.monotonic() - started:.1f} s)", flush=True)
     return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """Run the service (`visionloop up` itself, with UP_CHILD set) in a child and wait for it;
+    -> its exit status (128 + N when signal N ended it).
+
+    Why a child: Ray's local cluster (GCS, raylet, agents) is started by the process that calls
+    `ray.init` and stays in its process group. A signal to that group (Ctrl-C in a terminal,
+    `kill -- -PGID`) would reach the raylet and the GCS together with the driver, and the
+    driver's stop would then talk to a cluster that is already going away (hangs, tracebacks,
+    HAProxy left orphaned). The child runs in a session of its own, so only this process gets
+    such signals; SIGTERM, SIGINT and SIGHUP are passed on to the child as SIGTERM, which stops
+    everything in order (`stop_service`). And the child is tied to this process (prctl
+    PR_SET_PDEATHSIG): a SIGKILL of `visionloop up` kills the child, Ray's processes go with it
+    (Ray ties them to the child), and HAProxy with them (`service.app.guard_haproxy`)."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "service.cli", "up"]
+    for flag, value in (("--home", args.home), ("--host", args.host), ("--port", args.port)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["-v"] * args.verbose
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent is already gone
+            os._exit(1)
+
+    child = subprocess.Popen(argv, env={**os.environ, UP_CHILD: "1"}, start_new_session=True,
+                             preexec_fn=die_with_parent if sys.platform.startswith("linux")
+                             else None)
+
+    def forward(*_: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    status = child.wait()
+    return 128 - status if status < 0 else status
+
+
+# How long `stop_service` lets Serve stop its replicas and proxies. A replica's own stop is the
+# longest part: with HAProxy it first stays up RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+# (3 s here, `service.app.SERVE_ENVIRONMENT`) for the front end to stop routing to it, then
+# finishes its requests in flight; replicas stop in parallel. Past this bound the controller is
+# killed and Ray's own shutdown ends the rest.
+SERVE_STOP_TIMEOUT_S = 15.0
+
+
+def stop_service(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
+    """Stop Serve, then this process's Ray: bounded and quiet. -> whether Serve stopped on its
+    own within `timeout_s`.
+
+    Not `serve.shutdown()`: in Ray 2.60 it calls the controller's `graceful_shutdown` and waits
+    on it until the controller kills itself; that call can never return (the controller's
+    actor is created with infinite task retries), so every stop printed "(raylet) Task
+    ServeController.graceful_shutdown failed. There are infinite retries remaining ...". Here
+    the controller is only told to shut down (`graceful_shutdown(wait=False)`, which returns at
+    once), and its name is polled until it is gone, i.e. until the controller has stopped every
+    replica and proxy and then itself. Past `timeout_s` it is killed (a local cluster goes with
+    `ray.shutdown()` anyway; on a joined cluster `ray stop` follows: docker/visionloop-node.sh)."""
+    import ray
+    from ray.serve import context
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    def controller() -> Any:
+        try:
+            return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # no such actor: Serve is down
+            return None
+
+    stopped = True
+    client = context._global_client
+    if client is not None:
+        client.shutdown_cached_handles()
+    handle = controller() if ray.is_initialized() else None
+    if handle is not None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            ray.get(handle.graceful_shutdown.remote(False), timeout=timeout_s)
+            while controller() is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        if controller() is not None:
+            stopped = False
+            logging.getLogger(__name__).warning(
+                "Serve did not stop within %.0f s; stopping it by force", timeout_s)
+            ray.kill(handle, no_restart=True)
+    if client is not None:
+        client._shutdown = True
+    context._set_global_client(None)
+    ray.shutdown()
+    return stopped
 
 
 # -- train ---------------------------------------------------------------------------------------

@@ -17,8 +17,18 @@ Resource plan (README, Configuration): every Serve actor here asks for `num_cpus
 (the API replica's share is `VISIONLOOP_CLASSIFIER_CPUS`), so the cluster's logical CPUs stay
 free for Ray Train workers (1 CPU each): on a 2-CPU machine a 2-worker job starts while the
 service answers. The actors still use real cores; the classifier bounds its own use with
-`torch.set_num_threads(VISIONLOOP_CLASSIFIER_THREADS)` (default 1) and runs one inference batch
-at a time. A replica asks for `VISIONLOOP_CLASSIFIER_GPUS` of a GPU when set.
+`torch.set_num_threads(VISIONLOOP_CLASSIFIER_THREADS)` and runs one inference batch at a time.
+A replica asks for `VISIONLOOP_CLASSIFIER_GPUS` of a GPU when set.
+
+How many replicas, how many threads each (`classifier_plan`): what the settings say, and where
+they say nothing, what the machine has. One replica per core, one thread each, because a
+replica runs one batch at a time and its request handling is Python (one core's worth); more
+replicas use more cores where one replica with more threads leaves the decoding and HTTP work
+on one. Capped at MAX_AUTO_REPLICAS and at one per REPLICA_MEMORY_ALLOWANCE of available memory
+(each replica holds its own torch, model and engine); cores beyond the replicas go to their
+threads. An explicit value wins and the other follows it: given replicas, threads are the
+cores each gets; given threads, replicas are the cores over the threads. On a GPU
+(`VISIONLOOP_CLASSIFIER_GPUS` set) one replica, the GPU's share, as before.
 """
 
 from __future__ import annotations
@@ -57,6 +67,47 @@ async def unwrap_domain_error(call: Awaitable[T]) -> T:
         if isinstance(exc.cause, DomainError):
             raise exc.cause from None
         raise
+
+
+# `classifier_plan`'s caps on the automatic replica count (see the module's docstring).
+MAX_AUTO_REPLICAS = 8
+REPLICA_MEMORY_ALLOWANCE = 2 * 1024**3
+
+
+def machine_cores() -> int:
+    """The CPU cores of this machine as Ray counts them (cgroup limits of a container
+    included)."""
+    from ray._private.utils import get_num_cpus
+
+    return max(1, int(get_num_cpus()))
+
+
+def available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def classifier_plan(settings: Settings, cores: int | None = None, memory: int | None = None
+                    ) -> Settings:
+    """`settings` with `classifier_replicas` and `classifier_threads` set: the explicit values,
+    else the machine's (`cores`, `memory` in bytes: this machine's when not given). The rule is
+    in the module's docstring; an explicit value always wins, the other one follows it."""
+    if settings.classifier_replicas is not None and settings.classifier_threads is not None:
+        return settings
+    cores = machine_cores() if cores is None else cores
+    replicas = settings.classifier_replicas
+    if replicas is None:
+        if settings.classifier_gpus > 0:
+            replicas = 1
+        else:
+            memory = available_memory() if memory is None else memory
+            per_core = cores // (settings.classifier_threads or 1)
+            replicas = max(1, min(per_core, MAX_AUTO_REPLICAS,
+                                  memory // REPLICA_MEMORY_ALLOWANCE))
+    threads = settings.classifier_threads or max(1, cores // replicas)
+    return settings.model_copy(update={"classifier_replicas": replicas,
+                                       "classifier_threads": threads})
 
 
 @serve.deployment(name="Ingress", health_check_period_s=5)

@@ -165,13 +165,20 @@ class Settings(CommonSettings):
         1024**3, ge=0,
         description="free space kept on the volume: below it predictions are answered but not "
                     "stored")
-    classifier_replicas: int = Field(
-        1, ge=1, le=64, description="API replicas, each with its own classifier")
+    classifier_replicas: int | None = Field(
+        None, ge=1, le=64,
+        description="API replicas, each with its own classifier; unset: one per CPU core of "
+                    "the machine the service starts on (as Ray counts them, container limits "
+                    "included) over the threads per replica, at most 8 and at most one per "
+                    "2 GiB of available memory; 1 when VISIONLOOP_CLASSIFIER_GPUS is set")
     classifier_cpus: float = Field(
         0.0, ge=0.0, description="Ray CPUs reserved per API replica (0: share)")
     classifier_gpus: float = Field(0.0, ge=0.0, le=1.0,
                                    description="GPU share per API replica (its classifier)")
-    classifier_threads: int = Field(1, ge=1, le=256, description="torch threads per replica")
+    classifier_threads: int | None = Field(
+        None, ge=1, le=256,
+        description="torch (and ONNX Runtime) threads per replica; unset: the cores left to "
+                    "each replica (cores // replicas, at least 1)")
     max_batch_size: int = Field(
         8, ge=1, le=1024,
         description="@serve.batch size (the default suits a CPU: README, Performance)")
@@ -230,6 +237,12 @@ class Settings(CommonSettings):
         if not croniter.is_valid(v):
             raise ValueError(f"not a cron expression: {v!r}")
         return v.strip()
+
+    @field_validator("classifier_replicas", "classifier_threads", mode="before")
+    @classmethod
+    def _blank_is_automatic(cls, v: object) -> object:
+        # Compose passes an unset VISIONLOOP_CLASSIFIER_* as empty: the machine's default.
+        return _blank_is_unset(v)
 
     @field_validator("api_token", "predict_token", "api_token_file", "predict_token_file",
                      mode="before")

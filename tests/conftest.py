@@ -27,7 +27,6 @@ def ray_cluster() -> Iterator[None]:
     try:
         yield
     finally:
-        from ray import serve
+        from service.cli import stop_service
 
-        serve.shutdown()
-        ray.shutdown()
+        stop_service()  # as `visionloop up` stops: Serve, then Ray

@@ -55,6 +55,7 @@ from typing import Any
 
 import httpx
 
+from service.cli import SERVE_STOP_TIMEOUT_S
 from tests.support.images import COLOURS, encode, labelled_set, noisy_picture
 from tests.support.waiting import free_port, wait_for
 
@@ -65,6 +66,13 @@ LOCAL_BASE_IMAGE = "visionloop-base:bookworm"
 HEALTHY_TIMEOUT_S = 600
 TRAIN_TIMEOUT_S = 900
 SWAP_TIMEOUT_S = 120
+# The bound on `docker compose down`, from the stop settings, not from a measurement: compose
+# stops the workers first, in parallel, each draining at most RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+# (10 s, docker-compose.yml); then the head: the service's own stop, bounded by
+# SERVE_STOP_TIMEOUT_S (its replicas' drain, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S = 3 s,
+# inside it), then `ray stop --grace-period 10` (docker/visionloop-node.sh); 10 s more for Ray's
+# teardown and Docker removing the containers and the network.
+DOWN_BOUND_S = 10 + SERVE_STOP_TIMEOUT_S + 10 + 10
 IMAGES_PER_LABEL = 16
 IMAGE_SIZE = 96
 LABELS = ["red", "blue"]
@@ -301,8 +309,13 @@ class Stack:
         run(self.compose("ps", "-a"), timeout=60, check=False)
         run(self.compose("logs", "--no-color", "--tail", "150"), timeout=120, check=False)
 
-    def down(self, volumes: bool = False) -> None:
+    def down(self, volumes: bool = False, bound_s: float | None = None) -> None:
+        """`docker compose down`; with `bound_s`, it must take less than that."""
+        t0 = time.monotonic()
         run(self.compose("down", *(["-v"] if volumes else []), "--timeout", "120"), timeout=300)
+        took = time.monotonic() - t0
+        assert bound_s is None or took < bound_s, (
+            f"docker compose down took {took:.1f} s, more than its bound of {bound_s:.0f} s")
 
     def exec_head(self, *args: str) -> str:
         """stdout of `args` run in the head container (stderr shown, not returned)."""
@@ -659,7 +672,7 @@ def main() -> int:
             assert models["current"] == new_version, models
 
         with timings.step("down (volume kept)"):
-            stack.down()
+            stack.down(bound_s=DOWN_BOUND_S)
 
         given_ray_token, given_api_token = secrets.token_hex(32), secrets.token_hex(24)
         stack.give_tokens(given_ray_token, given_api_token)
@@ -689,7 +702,7 @@ def main() -> int:
             )
 
         with timings.step("down"):
-            stack.down()
+            stack.down(bound_s=DOWN_BOUND_S)
 
         with timings.step("a bad setting stops the head at start, naming it"):
             result = run(

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.docker
 def test_compose_stack_end_to_end() -> None:
     """Build; a fresh `up` with no token given (generated, shared through the volume); predict
     with v0; label; a 2-worker job over two worker containers, one killed mid-job, resumed from
-    its checkpoint on the others; hot swap; down, up with given tokens (they win): still
-    served; a bad setting refused."""
+    its checkpoint on the others; hot swap; down (within a bound set by the stop settings:
+    compose_scenario.DOWN_BOUND_S), up with given tokens (they win): still served; a bad
+    setting refused."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.deploy.compose_scenario"],
         cwd=REPO,

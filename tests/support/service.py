@@ -38,7 +38,12 @@ class RunningService:
 
 def start_service(home: Path, **overrides: Any) -> RunningService:
     """The whole service on volume `home` with BACKBONE and `overrides` (Settings fields), on a
-    free loopback port; waits until /readyz answers 200 from every replica."""
+    free loopback port; waits until /readyz answers 200 from every replica. One API replica
+    unless `classifier_replicas` is given: the automatic count (one per core) would start a
+    second ~1 GB replica in every test module on a 2-core CI machine; the tests about replicas
+    say how many they want, and the defaults a user gets are exercised by
+    tests/test_first_session.py, tests/service/test_lifecycle.py and the benchmarks."""
+    overrides.setdefault("classifier_replicas", 1)
     from ray import serve
 
     from service.app import APP_NAME, build_app, prepare_home
