@@ -4,10 +4,11 @@ and retention. Plain Python; `service.deployments.ControllerDeployment` wraps it
 - `start` validates the overrides (`TrainConfig`, 400; what the request leaves out comes from
   the deployment's training defaults, `Settings.train_defaults()`), the dataset (`prepare_data`,
   400) and what the Ray cluster can hold (`training.resources.check_cluster`, 400
-  `insufficient_resources`) before anything is written, refuses with `JobRunning` (409) while
-  this process or any other (the CLI's `train`) holds the volume's job lock, writes a `queued`
-  record and runs `training.pipeline.run_job` in a thread (the caller is inside the Ray
-  cluster). `run_job` waits for the workers' resources at most
+  `insufficient_resources`; not for a job whose epochs run in the controller's process,
+  `training.pipeline.runs_in_process`, which asks Ray for nothing) before anything is written,
+  refuses with `JobRunning` (409) while this process or any other (the CLI's `train`) holds the
+  volume's job lock, writes a `queued` record and runs `training.pipeline.run_job` in a thread
+  (the caller is inside the Ray cluster). `run_job` waits for the workers' resources at most
   `VISIONLOOP_TRAIN_PENDING_TIMEOUT_S` (then the job fails, reason `pending`), and a cancel ends
   a job at any stage, pending included; the job lock goes with the job's end.
 - The schedule (`VISIONLOOP_RETRAIN_SCHEDULE`, cron; a sixth field is seconds) is evaluated by
@@ -91,6 +92,16 @@ def train_config(overrides: dict[str, Any], defaults: Mapping[str, Any]) -> Trai
         raise InvalidTrainRequest(f"invalid training options: {exc}") from None
 
 
+def _import_pipeline() -> None:
+    """Import `training.pipeline` (torch, torchvision, the engine) in the background when the
+    controller starts: the import takes seconds on a small machine, and without this the first
+    `POST /v1/train` pays it before it answers. A failure is left to that request to raise."""
+    try:
+        import training.pipeline  # noqa: F401
+    except Exception:
+        log.debug("background import of training.pipeline failed", exc_info=True)
+
+
 class TrainingController:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -101,6 +112,7 @@ class TrainingController:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        threading.Thread(target=_import_pipeline, name="import-pipeline", daemon=True).start()
         interrupted = self.jobs.mark_interrupted()
         if interrupted:
             log.warning("marked %d interrupted job(s) failed: %s", len(interrupted), interrupted)
@@ -115,11 +127,12 @@ class TrainingController:
         """Validate, then start a job in a thread -> its `queued` record. Raises
         InvalidTrainRequest / DatasetTooSmall / InsufficientResources (400) and JobRunning
         (409), each before anything is written."""
-        from training.pipeline import prepare_data
+        from training.pipeline import prepare_data, runs_in_process
 
         cfg = train_config(overrides, self.settings.train_defaults())
         prepare_data(self.store)
-        check_cluster(cfg)
+        if not runs_in_process(cfg):  # one that does asks Ray for nothing
+            check_cluster(cfg)
         with self._lock:
             if self.running():
                 raise self.jobs.job_running_error()
@@ -152,7 +165,7 @@ class TrainingController:
         it is back to `queued` (with `resumed_from_epoch` and `resumes`). Raises JobNotFound
         (404), JobRunning (409, naming the running job), JobNotResumable (409, saying why) and
         InsufficientResources (400), each before anything is written."""
-        from training.pipeline import plan_resume
+        from training.pipeline import plan_resume, runs_in_process
 
         started = threading.Event()
         box: dict[str, BaseException] = {}
@@ -160,7 +173,8 @@ class TrainingController:
         if self.running():
             raise self.jobs.job_running_error()
         plan = plan_resume(self.home, job_id)
-        check_cluster(plan.cfg)
+        if not runs_in_process(plan.cfg):
+            check_cluster(plan.cfg)
         with self._lock:
             if self.running():
                 raise self.jobs.job_running_error()

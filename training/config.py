@@ -3,7 +3,7 @@ HTTP API (`POST /v1/train` overrides use the same names) and the manifest (`trai
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from training.model import AUTO, Strategy, check_backbone
 
@@ -65,7 +65,14 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(0.5, ge=0, description="linear warm-up, then cosine")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     image_size: int = Field(224, ge=32, le=1024, description="crop size (train and eval)")
-    augment: bool = True
+    # None (the default) resolves on validation: off for feature-extract, on for finetune and
+    # partial. With a frozen backbone, augmentation means running the backbone on every image
+    # every epoch; without it the backbone features are cached per image, a retrain runs the
+    # backbone on the new images only, and a one-worker CPU job needs no Ray Train worker group
+    # (training.pipeline.runs_in_process). `augment: true` asks for it anyway.
+    augment: bool | None = Field(
+        None, description="random resized crop + flip; default: off for feature-extract "
+                          "(features cached), on for finetune and partial")
     num_data_workers: int = Field(
         0, ge=0, le=32, description="DataLoader workers per trainer (0 on a GPU: automatic, "
                                     "the worker's cores - 1, at most 8)")
@@ -84,6 +91,12 @@ class TrainConfig(BaseModel):
     def _known_backbone(cls, v: str) -> str:
         check_backbone(v)
         return v
+
+    @model_validator(mode="after")
+    def _resolve_augment(self) -> TrainConfig:
+        if self.augment is None:
+            self.augment = self.strategy != "feature-extract"
+        return self
 
     @property
     def effective_backbone_lr(self) -> float:

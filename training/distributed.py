@@ -37,6 +37,7 @@ from torch.utils.data import Sampler
 
 CHECKPOINT_PREFIX = "checkpoint_"
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_METRICS_FILE = "metrics.json"  # in each checkpoint folder: what was reported with it
 
 
 def is_dist_avail_and_initialized() -> bool:
@@ -181,6 +182,31 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def local_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint folders a `TorchSession` left in `root`, oldest first."""
+    return sorted(p for p in Path(root).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+
+
+def checkpoint_metrics(folder: Path) -> dict[str, Any]:
+    """The metrics reported with the checkpoint in `folder` ({} when it has none)."""
+    try:
+        data = json.loads((folder / CHECKPOINT_METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def best_local_checkpoint(root: Path, score_attribute: str) -> Path | None:
+    """The checkpoint folder in `root` with the highest `score_attribute` (the earliest among
+    equals), or None when there is none."""
+    best, top = None, float("-inf")
+    for p in local_checkpoints(root):
+        value = checkpoint_metrics(p).get(score_attribute)
+        if value is not None and (best is None or float(value) > top):
+            best, top = p, float(value)
+    return best
+
+
 class TorchSession:
     """`WorkerSession` under plain torch.distributed (or one process with no group at all).
 
@@ -188,11 +214,17 @@ class TorchSession:
     tensors on `device` (NCCL: CUDA only). `root` is a folder every rank can read: rank 0
     copies each reported checkpoint to `root/checkpoint_<NNNNNN>/` and appends each report to
     `root/metrics.jsonl` (one JSON object per line, with `reported_at`, Unix seconds), so a
-    restarted run resumes from the last checkpoint.
+    restarted run resumes from the last checkpoint. Each checkpoint folder also holds the
+    metrics reported with it (`CHECKPOINT_METRICS_FILE`). `num_to_keep`: as Ray Train's
+    `CheckpointConfig`, the best that many by `score_attribute` (higher is better) are kept,
+    and the latest always (a resume continues from it); None keeps every one.
     """
 
-    def __init__(self, root: Path, device: torch.device | None = None):
+    def __init__(self, root: Path, device: torch.device | None = None,
+                 num_to_keep: int | None = None, score_attribute: str = "val_accuracy"):
         self.root = Path(root)
+        self.num_to_keep = num_to_keep
+        self.score_attribute = score_attribute
         self.rank = get_rank()
         self.world_size = get_world_size()
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
@@ -218,7 +250,24 @@ class TorchSession:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
-        return sorted(p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+        return local_checkpoints(self.root)
+
+    def best_checkpoint(self) -> Path | None:
+        """The kept checkpoint with the highest `score_attribute` (the earliest among equals),
+        or None when there is none."""
+        return best_local_checkpoint(self.root, self.score_attribute)
+
+    def _prune(self) -> None:
+        found = self.checkpoints()
+        if self.num_to_keep is None or len(found) <= self.num_to_keep:
+            return
+        def score(p: Path) -> float:
+            return float(checkpoint_metrics(p).get(self.score_attribute, float("-inf")))
+        ranked = sorted(found[:-1], key=score, reverse=True)  # the latest is always kept
+        keep = set(ranked[:max(0, self.num_to_keep - 1)]) | {found[-1]}
+        for p in found:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.root / METRICS_FILE
@@ -230,14 +279,17 @@ class TorchSession:
         if self.rank != 0:
             return
         if checkpoint_dir is not None:
-            index = len(self.checkpoints())
+            found = self.checkpoints()
+            index = int(found[-1].name.removeprefix(CHECKPOINT_PREFIX)) + 1 if found else 0
             final = self.root / f"{CHECKPOINT_PREFIX}{index:06d}"
             # Copied under a name `checkpoints()` ignores, then renamed: a crash never leaves
             # a half-written folder that a restart would resume from.
             partial = self.root / f".partial-{final.name}"
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(checkpoint_dir, partial)
+            (partial / CHECKPOINT_METRICS_FILE).write_text(json.dumps(metrics))
             os.replace(partial, final)
+            self._prune()
         with open(self.root / METRICS_FILE, "a") as f:
             f.write(json.dumps({**metrics, "reported_at": time.time()}) + "\n")
 

@@ -21,6 +21,12 @@ metrics of the epochs up to the checkpoint it resumes from, sets `resumed_from_e
 appends one entry to `resumes` (when, by whom, from which epoch, and how the job had ended).
 `started_at` stays the first start; `resumed_at` is the last resume.
 
+`stage` says what a job is doing, from its creation on (`queued`, then `preparing data`,
+`starting workers` under Ray Train, `computing features`, `training`, `evaluating`,
+`publishing`), and `stages` lists each with the time it began (Unix seconds): the pipeline
+sets its own (`JobStore.set_stage`), the training code its own in the progress file (`view`
+merges them while the job runs, `finish` when it ends; a resume appends its own run of them).
+
 `JobRunning` names the job that holds the lock (`job_running_error`): its id, who started it,
 its status and epoch, and how to cancel it.
 """
@@ -54,6 +60,17 @@ PROGRESS_SUFFIX = ".progress.json"
 CANCEL_SUFFIX = ".cancel"
 LOCK_FILE = ".lock"
 SCHEDULE_STATE_FILE = "schedule.state"
+STAGE_QUEUED = "queued"
+STAGE_PREPARING = "preparing data"
+STAGE_STARTING_WORKERS = "starting workers"
+STAGE_FEATURES = "computing features"
+STAGE_TRAINING = "training"
+STAGE_EVALUATING = "evaluating"
+STAGE_PUBLISHING = "publishing"
+# The stages the training code reports in the progress file (rank 0), between the pipeline's
+# `starting workers` (or `training`, in process) and `evaluating`.
+WORKER_STAGES = (STAGE_FEATURES, STAGE_TRAINING)
+
 # What a job id can be (`new_job_id` makes `20261128-101500-a1b2c3`): checked before any path is
 # built from one, so an id from a URL (a NUL byte, 10 000 characters, "..") is simply not found.
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -123,6 +140,17 @@ def running_message(record: dict[str, Any] | None) -> str:
             f"`visionloop cancel {job_id}`")
 
 
+def merged_stages(stages: list[dict[str, Any]] | None, progress: dict[str, Any] | None
+                  ) -> list[dict[str, Any]]:
+    """The record's `stages` with those the training code wrote in the progress file that it
+    lacks, in time order."""
+    out = list(stages or [])
+    seen = {(s.get("stage"), s.get("at")) for s in out}
+    out += [s for s in (progress or {}).get("stages") or []
+            if (s.get("stage"), s.get("at")) not in seen]
+    return sorted(out, key=lambda s: float(s.get("at") or 0))
+
+
 def placement_of(progress: dict[str, Any] | None) -> dict[str, Any]:
     """`workers` and `attempts` of a progress file (where the job's workers ran), if any."""
     p = progress or {}
@@ -166,6 +194,7 @@ class JobStore:
             "job_id": job_id, "status": "queued", "source": source, "config": config,
             "created_at": time.time(), "started_at": None, "finished_at": None,
             "progress": progress_summary(None, int(config.get("epochs", 0) or 0)), "metrics": [],
+            "stage": STAGE_QUEUED, "stages": [{"stage": STAGE_QUEUED, "at": time.time()}],
             "version": None, "promoted": None, "reason": None, "error": None,
         }
         self.write(record)
@@ -187,6 +216,15 @@ class JobStore:
         self.write(record)
         return record
 
+    def set_stage(self, job_id: str, stage: str) -> dict[str, Any]:
+        """The job is now at `stage`: the record's `stage`, and an entry in `stages` with the
+        time it began (the worker stages seen so far are merged in first, so `stages` stays in
+        order)."""
+        record = self.get(job_id)
+        stages = merged_stages(record.get("stages"), self.read_progress(job_id))
+        return self.update(job_id, stage=stage,
+                           stages=[*stages, {"stage": stage, "at": time.time()}])
+
     def finish(self, job_id: str, status: FinalStatus, reason: str, error: str | None = None,
                **fields: Any) -> dict[str, Any]:
         """End a job: its final status, why, the error if any, `finished_at`, and `fields`
@@ -194,9 +232,11 @@ class JobStore:
         request goes. Where its workers ran (`workers`: the last attempt's; `attempts`: every
         attempt's placement and resume epoch) is kept from the progress file. -> the final
         record."""
-        placement = placement_of(self.read_progress(job_id))
+        progress = self.read_progress(job_id)
+        placement = placement_of(progress)
+        stages = merged_stages(self.get(job_id).get("stages"), progress)
         record = self.update(job_id, status=status, reason=reason, error=error,
-                             finished_at=time.time(), **{**placement, **fields})
+                             finished_at=time.time(), stages=stages, **{**placement, **fields})
         self.cancel_path(job_id).unlink(missing_ok=True)
         return record
 
@@ -242,6 +282,10 @@ class JobStore:
                 record["metrics"] = p.get("metrics", [])
                 record["resumed_from_epoch"] = p.get("resumed_from_epoch")
                 record.update(placement_of(p))
+                record["stages"] = merged_stages(record.get("stages"), p)
+                if p.get("stage") in WORKER_STAGES and \
+                        record.get("stage") in (STAGE_PREPARING, STAGE_STARTING_WORKERS):
+                    record["stage"] = p["stage"]
         return record
 
     # -- lock, cancel, interruption -------------------------------------------------------------
@@ -340,6 +384,7 @@ class JobStore:
         progress = {"epoch": done, "epochs": epochs, "step": 0, "steps": 0,
                     "fraction": round(done / max(1, epochs), 4), "eta_s": None}
         old = self.read_progress(job_id) or {}
+        old.pop("stage", None)  # the last attempt's: this one reports its own
         write_file_atomic(self.progress_path(job_id), json.dumps(
             {**old, **progress, "metrics": metrics, "resumed_from_epoch": from_epoch,
              "updated_at": now}).encode())

@@ -65,6 +65,7 @@ from training.engine import (
     warmup_steps,
 )
 from training.features import FeatureCache, compute_features
+from training.jobs import STAGE_FEATURES, STAGE_TRAINING
 from training.model import AUTO, head_module, split_head
 from training.presets import EvalPreset
 
@@ -237,20 +238,35 @@ class ProgressWriter:
         self.interval = interval
         self.start = time.monotonic()
         self.last = 0.0
-        self.state: dict[str, Any] = {"pid": os.getpid(), "resumed_from_epoch": None,
-                                      "metrics": [], "workers": [],
-                                      "attempts": self._earlier_attempts()}
+        earlier = self._earlier()
+        self.state: dict[str, Any] = {
+            "pid": os.getpid(), "resumed_from_epoch": None, "metrics": [], "workers": [],
+            "attempts": list(earlier.get("attempts") or []),
+            "stages": list(earlier.get("stages") or []),
+            # where the job stood, until this attempt's first step says otherwise
+            **{k: earlier[k] for k in ("epoch", "epochs", "step", "steps", "fraction")
+               if k in earlier}}
 
-    def _earlier_attempts(self) -> list[dict[str, Any]]:
-        """Where earlier attempts of this job ran (a restart after a failure writes a new
-        progress file; the history of placements is kept in it)."""
+    def _earlier(self) -> dict[str, Any]:
+        """The progress file an earlier attempt (or `JobStore.begin_resume`) left: where its
+        workers ran (a restart after a failure writes a new progress file; the history of
+        placements and stages is kept in it) and where it stood."""
         try:
-            return list(json.loads(self.path.read_text()).get("attempts") or [])
-        except (OSError, ValueError, AttributeError):
-            return []
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def stage(self, name: str) -> None:
+        """This attempt is now at stage `name` (`training.jobs.WORKER_STAGES`): `stage`, and
+        an entry in `stages` with the time it began."""
+        self.state["stage"] = name
+        self.state["stages"].append({"stage": name, "at": time.time()})
+        write_file_atomic(self.path, json.dumps(self.state).encode())
 
     def placed(self, workers: list[dict[str, Any]], resumed_from_epoch: int | None) -> None:
         """Record where this attempt's workers run: `workers` (rank, host, node_id, device)."""
+        self.start = time.monotonic()  # the ETA counts from here, not from the features
         self.state["workers"] = workers
         self.state["attempts"].append({"workers": workers,
                                        "resumed_from_epoch": resumed_from_epoch,
@@ -259,6 +275,12 @@ class ProgressWriter:
 
     def step(self, epoch: int, step: int, steps: int, first_epoch: int, force: bool = False
              ) -> None:
+        """Epoch `epoch` (0-based) has done `step` of its `steps`. The file says the epoch in
+        progress, 1-based (`epoch`: from its first step to its end, so epoch k of n spans
+        the fractions (k-1)/n to k/n, never one ahead of the counter), `step`/`steps` within
+        it, and `fraction`, the share of the job's steps done. The loop forces a write at the
+        start and at the end of every epoch: a short epoch, all of whose steps fall inside
+        `interval`, still shows."""
         now = time.monotonic()
         if not force and now - self.last < self.interval:
             return
@@ -267,7 +289,7 @@ class ProgressWriter:
         done_here = done - first_epoch / self.epochs  # this attempt's share, for the ETA
         elapsed = now - self.start
         eta = elapsed / done_here * (1 - done) if done_here > 0 else None
-        self.state.update({"epoch": epoch + (1 if step else 0), "epochs": self.epochs,
+        self.state.update({"epoch": min(epoch + 1, self.epochs), "epochs": self.epochs,
                            "step": step, "steps": steps, "fraction": round(done, 4),
                            "eta_s": None if eta is None else round(eta, 1),
                            "updated_at": time.time()})
@@ -313,9 +335,12 @@ def run_worker(loop: LoopConfig, session: WorkerSession) -> None:
 
     # 3. Data: image loaders, or (feature-extract without augmentation) the frozen backbone's
     # cached features, computed here for images not seen before, split across the workers.
+    progress = ProgressWriter(loop.progress_path, cfg.epochs) if is_main else None
     train_ds: Dataset
     val_ds: Dataset
     if loop.uses_feature_cache:
+        if progress is not None:
+            progress.stage(STAGE_FEATURES)
         train_ds, val_ds = _feature_datasets(loop, full, device, channels_last, rank,
                                              world_size, workers)
         full.to(device)
@@ -335,7 +360,6 @@ def run_worker(loop: LoopConfig, session: WorkerSession) -> None:
 
     # 4. Resume.
     start_epoch, history = 0, []
-    progress = ProgressWriter(loop.progress_path, cfg.epochs) if is_main else None
     with session.latest_checkpoint() as d:
         state = (None if d is None else
                  torch.load(d / CHECKPOINT_FILE, map_location=device, weights_only=True))
@@ -353,10 +377,13 @@ def run_worker(loop: LoopConfig, session: WorkerSession) -> None:
                                 "node_id": session.node_id, "device": str(device)})
     if progress is not None:
         progress.placed(placement, start_epoch if state is not None else None)
-        progress.step(start_epoch, 0, steps, start_epoch, force=True)  # epoch start/epochs
+        progress.stage(STAGE_TRAINING)
+        progress.step(start_epoch, 0, steps, start_epoch, force=True)  # the first epoch starts
 
     # 5. Epochs.
     for epoch in range(start_epoch, cfg.epochs):
+        if progress is not None and epoch > start_epoch:
+            progress.step(epoch, 0, steps, start_epoch, force=True)  # epoch k starts
 
         def on_step(step: int, steps: int, epoch: int = epoch) -> None:
             cancelled = cancel_agreed(loop.cancel_path, device)

@@ -4,7 +4,9 @@
     prepare_data (check the live dataset) -> take the job lock -> snapshot the dataset
     (`DatasetStore.snapshot`: the job's frozen images) -> prepare_data on the snapshot (the
     train / validation / test split by content hash) -> Ray Train TorchTrainer.fit() with one
-    `LoopConfig` (train and validation only) -> best checkpoint by val accuracy -> publish:
+    `LoopConfig` (train and validation only; a head fitted on cached features on one worker
+    runs the same loop in this process instead, `runs_in_process`) -> best checkpoint by val
+    accuracy -> publish:
     `judge` evaluates it, the current model and every other version with the same classes on
     the held-out test split -> models/v<N> -> promote to CURRENT if the `gate` passes ->
     `JobStore.finish` records the end -> the snapshot is removed.
@@ -22,6 +24,7 @@ The caller owns Ray: `ray.init()` (local or `RAY_ADDRESS`) happens before `run_j
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +32,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,20 +53,39 @@ from training.dataset import (
     Snapshot,
     split_items,
 )
+from training.distributed import TorchSession, checkpoint_metrics, local_checkpoints
 from training.engine import EpochStats, ImageFileDataset, evaluate
-from training.features import ensure_resized, feature_key
+from training.features import (
+    FeatureCache,
+    cpu_extractor,
+    ensure_resized,
+    feature_key,
+    graph_with_head,
+    seed_graph,
+)
 from training.inference import choose_engine
 from training.jobs import (
     ACTIVE,
     CANCELLED_ON_REQUEST,
+    STAGE_EVALUATING,
+    STAGE_PREPARING,
+    STAGE_PUBLISHING,
+    STAGE_STARTING_WORKERS,
     JobNotResumable,
     JobStore,
     error_text,
     new_job_id,
     progress_summary,
 )
-from training.loop import CHECKPOINT_FILE, LoopConfig, Sample, train_loop_per_worker
-from training.model import BackboneChoice, build_model
+from training.loop import (
+    CHECKPOINT_FILE,
+    LoopConfig,
+    Sample,
+    cpu_share,
+    run_worker,
+    train_loop_per_worker,
+)
+from training.model import BackboneChoice, build_model, split_head
 from training.plots import plot_confusion, plot_curves
 from training.presets import EvalPreset
 from training.registry import (
@@ -191,6 +213,42 @@ def held_out_logits(model: nn.Module, preset: EvalPreset, items: Sequence[Item],
     if not logits:
         return torch.zeros(0, len(class_index)), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)
+
+
+def cached_logits(model: nn.Module, preset: EvalPreset, items: Sequence[Item],
+                  class_index: dict[str, int], features: FeatureCache, batch_size: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`held_out_logits` for a model whose backbone is the frozen one `features` caches
+    (feature-extract without augmentation): the backbone through the cache's CPU engine
+    (`training.features.cpu_extractor`: ONNX Runtime where its outputs equal eager's), then the
+    head, on the CPU; the same preprocessing as `held_out_logits`. The held-out split's
+    features are computed here and not cached: the cache holds what the workers see."""
+    extractor, head = split_head(model)
+    engine = cpu_extractor(extractor.eval(), features, preset.crop)
+    samples = [(str(i.path), class_index[i.label]) for i in items]
+    loader = DataLoader(ImageFileDataset(samples, preset, preset.resize), batch_size=batch_size)
+    head.eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            logits.append(head(engine(x).flatten(1)).float())
+            labels.append(y.long())
+    if not logits:
+        return torch.zeros(0, len(class_index)), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
+                      ) -> EpochStats:
+    """What `evaluate` reports (mean cross-entropy, accuracy, confusion matrix, counts) from
+    (N, C) logits and (N,) labels already computed: one pass over the test split serves both
+    the gate and the calibration."""
+    count = len(labels)
+    confusion = torch.bincount(labels * num_classes + logits.argmax(1),
+                               minlength=num_classes ** 2).view(num_classes, num_classes)
+    correct = int(confusion.diag().sum())
+    loss = float(nn.functional.cross_entropy(logits.float(), labels)) if count else 0.0
+    return EpochStats(loss, correct / max(1, count), count, 0.0, confusion.tolist(), correct)
 
 
 def answer_quality(classes: Sequence[str], logits: torch.Tensor, labels: torch.Tensor
@@ -349,7 +407,7 @@ class Judgement:
 
 
 def judge(registry: Registry, candidate: nn.Module, preset: EvalPreset, data: PreparedData,
-          cfg: GateConfig) -> Judgement:
+          cfg: GateConfig, test: EpochStats | None = None) -> Judgement:
     """Evaluate the candidate, the current model and every other version with the same
     classes on the held-out test split, then apply the `gate`. The versions are those that
     retention kept (`VISIONLOOP_KEEP_VERSIONS` bounds the cost: one CPU pass over the test
@@ -357,8 +415,11 @@ def judge(registry: Registry, candidate: nn.Module, preset: EvalPreset, data: Pr
 
     CURRENT is read once, without the registry lock (evaluating takes seconds to minutes, and
     an activate must not wait for it); the Judgement keeps its name (`current_name`), and the
-    promotion (`Registry.publish_candidate`) happens only if CURRENT still names it then."""
-    test = evaluate_model(candidate, preset, data.test, data.class_index, len(data.classes))
+    promotion (`Registry.publish_candidate`) happens only if CURRENT still names it then.
+    `test`: the candidate's figures on the test split when the caller has them already."""
+    if test is None:
+        test = evaluate_model(candidate, preset, data.test, data.class_index,
+                              len(data.classes))
     baseline = majority_baseline(data.test)
     current_name = registry.current()
     current: VersionScore | None = None
@@ -412,10 +473,9 @@ def _train(home: Path, cfg: TrainConfig, job_id: str, source: str,
     storage_path=runs/)`: Ray Train restores its checkpoint manager from
     `runs/<job_id>/checkpoint_manager_snapshot.json`, so `ray.train.get_checkpoint()` in the
     workers is the last checkpoint reported, and the loop carries on from its epoch). A resume
-    refused here leaves the record and the snapshot as they were."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    refused here leaves the record and the snapshot as they were. The epochs run under Ray
+    Train (`_fit_on_ray`) or, for a head fitted on cached features, in this process
+    (`runs_in_process`)."""
     store, registry, jobs = DatasetStore(home), Registry(home), JobStore(home)
     snapshot: Snapshot | None = None
     started = False
@@ -441,44 +501,35 @@ def _train(home: Path, cfg: TrainConfig, job_id: str, source: str,
         elif record is None:
             record = jobs.create(cfg.model_dump(), source, job_id=job_id)
         started = True
+        jobs.set_stage(job_id, STAGE_PREPARING)
         if on_started:
             on_started(job_id)
         registry.ensure_v0(cfg.backbone)
         choice = registry.resolve_backbone(cfg.backbone)
         jobs.update(job_id, status="running", started_at=record.get("started_at") or time.time(),
                     backbone=choice.name, ledger_offset=snapshot.ledger_offset,
-                    dataset=data.fingerprint)
+                    dataset=data.fingerprint,
+                    runner=RUNNER_IN_PROCESS if runs_in_process(cfg) else RUNNER_RAY_TRAIN)
         loop = loop_config(home, jobs, job_id, cfg, choice, data)
-        resources = worker_resources(cfg)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop.as_train_loop_config(),
-            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(
-                storage_path=str(home / "runs"), name=job_id,
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=cfg.checkpoints_to_keep,
-                    checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-            ),
-        )
+        features = (FeatureCache(loop.feature_cache_root, loop.feature_key)
+                    if loop.uses_feature_cache else None)
+        if features is not None:
+            seed_extractor_graph(registry, choice, loop.preset, features)
         try:
-            ended = wait_for_resources(cfg, jobs, job_id, pending_timeout_s)
-            if ended is not None:  # cancelled or timed out before any worker started
-                return ended
-            result = trainer.fit()
+            if runs_in_process(cfg):  # its stages come from the loop (the progress file)
+                state = None if jobs.cancel_requested(job_id) else fit_in_process(home, loop,
+                                                                                  job_id)
+            else:
+                ended, state = _fit_on_ray(home, cfg, loop, jobs, job_id, pending_timeout_s)
+                if ended is not None:  # cancelled or timed out before any worker started
+                    return ended
             if jobs.cancel_requested(job_id):
                 return jobs.finish(job_id, "cancelled", CANCELLED_ON_REQUEST,
                                    metrics=jobs.progress_metrics(job_id))
-            best = result.get_best_checkpoint("val_accuracy", "max") if result.best_checkpoints \
-                else None
-            if best is None:
+            if state is None:
                 raise RuntimeError("training produced no checkpoint")
-            with best.as_directory() as d:
-                state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu",
-                                   weights_only=True)
-            return publish(registry, jobs, job_id, cfg, choice, data, state, keep_versions)
+            return publish(registry, jobs, job_id, cfg, choice, data, state, keep_versions,
+                           features=features)
         except Exception as exc:
             log.exception("training job %s failed", job_id)
             return jobs.finish(job_id, "failed", "error", error=error_text(exc),
@@ -487,6 +538,103 @@ def _train(home: Path, cfg: TrainConfig, job_id: str, source: str,
         # A resume refused before it started keeps the snapshot it came to use.
         if snapshot is not None and (started or resume is None):
             store.remove_snapshot(snapshot.job_id)
+
+
+# -- where the epochs run ------------------------------------------------------------------------
+
+RUNNER_IN_PROCESS = "in-process"  # the record's `runner`: where the epochs ran
+RUNNER_RAY_TRAIN = "ray-train"
+
+
+def runs_in_process(cfg: TrainConfig) -> bool:
+    """Whether the job's epochs run in this process (`fit_in_process`) rather than under Ray
+    Train: feature-extract without augmentation on the feature cache (a linear head fitted on
+    cached (N, D) features), one worker, no GPU.
+
+    Why: such a fit is a few seconds of one process's CPU, while starting Ray Train's worker
+    group (its controller actor, a worker actor importing torch, the process group, the run's
+    storage) costs many times that on a small machine and buys nothing here: one worker has
+    nobody to synchronise with, and the work is too small to be worth another node. The
+    product's loop runs unchanged (`training.loop.run_worker` under a `TorchSession` on
+    `runs/<job_id>/`), so the job keeps its semantics: a checkpoint per epoch
+    (`checkpoints_to_keep` best by val accuracy, the latest always kept), the best one
+    published, progress and cancel through the same files, resume from the last checkpoint
+    (`latest_checkpoint_epoch` reads either layout; a job always resumes on the runner it
+    started on, as the choice is a function of its config). What it gives up is Ray Train's
+    restart of a failed worker group (`max_failures`): an error fails the job, which can then
+    be resumed. It uses the cores of the process running the job (the controller's or the
+    CLI's), which Ray does not account for: the fit and the backbone pass over new images
+    take `threads` cores (default: every core this process may use) for seconds.
+
+    Finetune, partial, augmentation, several workers and GPUs stay on Ray Train."""
+    return (cfg.strategy == "feature-extract" and not cfg.augment and cfg.use_feature_cache
+            and cfg.workers == 1 and not cfg.gpu)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """This process's torch intra-op threads set to `n` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_in_process(home: Path, loop: LoopConfig, job_id: str) -> dict[str, Any] | None:
+    """Run the job's epochs in this process (see `runs_in_process`) -> the best checkpoint's
+    state (by val accuracy), or None when none was saved (cancelled before the first epoch
+    ended). Checkpoints go to `runs/<job_id>/checkpoint_NNNNNN/` (`TorchSession`), where a
+    resume finds the last one."""
+    cfg = loop.train_config
+    session = TorchSession(run_dir(home, job_id), torch.device("cpu"),
+                           num_to_keep=cfg.checkpoints_to_keep)
+    with torch_threads(cfg.threads or cpu_share(1)):
+        run_worker(loop, session)
+    best = session.best_checkpoint()
+    if best is None:
+        return None
+    state: dict[str, Any] = torch.load(best / CHECKPOINT_FILE, map_location="cpu",
+                                       weights_only=True)
+    return state
+
+
+def _fit_on_ray(home: Path, cfg: TrainConfig, loop: LoopConfig, jobs: JobStore, job_id: str,
+                pending_timeout_s: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The job's epochs under Ray Train -> (the final record when it ended before any worker
+    started, else None; the best checkpoint's state by val accuracy, or None)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop.as_train_loop_config(),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                     resources_per_worker=worker_resources(cfg)),
+        run_config=RunConfig(
+            storage_path=str(home / "runs"), name=job_id,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.checkpoints_to_keep,
+                checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    ended = wait_for_resources(cfg, jobs, job_id, pending_timeout_s)
+    if ended is not None:
+        return ended, None
+    jobs.set_stage(job_id, STAGE_STARTING_WORKERS)
+    result = trainer.fit()
+    if jobs.cancel_requested(job_id):
+        return None, None
+    best = result.get_best_checkpoint("val_accuracy", "max") if result.best_checkpoints \
+        else None
+    if best is None:
+        return None, None
+    with best.as_directory() as d:
+        state: dict[str, Any] = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu",
+                                           weights_only=True)
+    return None, state
 
 
 # -- resume ------------------------------------------------------------------------------------
@@ -511,7 +659,14 @@ def run_dir(home: Path, job_id: str) -> Path:
 def latest_checkpoint_epoch(run: Path) -> int | None:
     """The epoch of the checkpoint Ray Train would restore in `run` (its run folder): the last
     one reported whose files are there, from `RUN_STATE_FILE`; None when there is none or the
-    state cannot be read."""
+    state cannot be read. A job that ran in process (`fit_in_process`) has no Ray state: there
+    it is the epoch of the last `TorchSession` checkpoint folder."""
+    if not (run / RUN_STATE_FILE).exists():
+        found = local_checkpoints(run)
+        if not found or not (found[-1] / CHECKPOINT_FILE).is_file():
+            return None
+        epoch = checkpoint_metrics(found[-1]).get("epoch")
+        return int(epoch) if epoch is not None else None
     try:
         state = json.loads((run / RUN_STATE_FILE).read_text())
         latest = state["latest_checkpoint_result"]
@@ -662,7 +817,8 @@ def loop_config(home: Path, jobs: JobStore, job_id: str, cfg: TrainConfig,
 
 def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
             choice: BackboneChoice, data: PreparedData, state: dict[str, Any],
-            keep_versions: int | None, judged: Judgement | None = None) -> dict[str, Any]:
+            keep_versions: int | None, judged: Judgement | None = None,
+            features: FeatureCache | None = None) -> dict[str, Any]:
     """The best checkpoint's `state` -> judged on the held-out test split (`judge`; or
     `judged`, when the caller judged it already), published as models/v<N> with its data list,
     and promoted to CURRENT if it passes the gate, the promotion policy is automatic and CURRENT
@@ -676,13 +832,23 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
     `promotion` hold the held-out figures the gate used. `calibration` (temperature scaling and
     ECE before/after), `threshold` (the score below which an answer is `unknown`) and
     `reference` (predicted-label and confidence shares, what drift compares live traffic
-    with) come from the candidate's logits on the same test split (`answer_quality`)."""
+    with) come from the candidate's logits on the same test split (`answer_quality`): one pass
+    over the test split for both, through the feature cache's CPU engine when `features`
+    holds the candidate's frozen backbone (`cached_logits`)."""
+    jobs.set_stage(job_id, STAGE_EVALUATING)
     progress = jobs.read_progress(job_id) or {}
     preset = EvalPreset.for_size(cfg.image_size)
     candidate = build_model(choice.name, num_classes=len(data.classes), pretrained=False)
     candidate.load_state_dict(state["model"])
     candidate.eval()
-    judged = judged or judge(registry, candidate, preset, data, cfg.gate)
+    if features is not None:
+        with torch_threads(cfg.threads or cpu_share(1)):
+            logits, labels = cached_logits(candidate, preset, data.test, data.class_index,
+                                           features)
+    else:
+        logits, labels = held_out_logits(candidate, preset, data.test, data.class_index)
+    judged = judged or judge(registry, candidate, preset, data, cfg.gate,
+                             test=stats_from_logits(logits, labels, len(data.classes)))
     promotion = judged.record(data, cfg.gate)
 
     # The progress file has every epoch; the best checkpoint only the epochs up to itself.
@@ -691,11 +857,13 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
     best = next(m for m in state["history"] if int(m["epoch"]) == best_epoch)
     val_confusion = state["confusion"]
     test = judged.test
-    quality = answer_quality(data.classes, *held_out_logits(candidate, preset, data.test,
-                                                            data.class_index))
+    quality = answer_quality(data.classes, logits, labels)
+    jobs.set_stage(job_id, STAGE_PUBLISHING)
     version, staging = registry.allocate()
     try:
-        inference = choose_engine(candidate, staging, preset.crop)
+        inference = (engine_as_measured(registry, choice, preset, candidate, staging, features)
+                     if features is not None else None) \
+            or choose_engine(candidate, staging, preset.crop)
         plot_curves(history, staging / "curves.png")
         plot_confusion(val_confusion, data.classes, staging / "confusion.png")
         manifest = {
@@ -736,6 +904,100 @@ def publish(registry: Registry, jobs: JobStore, job_id: str, cfg: TrainConfig,
                        val_accuracy=best["val_accuracy"], test_accuracy=test.accuracy,
                        current_test_accuracy=promotion["current_test_accuracy"],
                        promotion=promotion)
+
+
+FROZEN_BACKBONE_STRATEGIES = ("pretrained", "feature-extract")  # the backbone is the weights'
+
+
+def seed_extractor_graph(registry: Registry, choice: BackboneChoice, preset: EvalPreset,
+                         features: FeatureCache) -> bool:
+    """Give the feature cache its backbone graph from the newest published version whose ONNX
+    graph has the same frozen backbone (v0, or a feature-extract version of the same backbone,
+    weights and preprocessing; `training.features.seed_graph`), so the first job on a volume
+    needs no export. -> whether the cache has a graph now."""
+    if features.graph_path.exists():
+        return True
+    from training.inference import ONNX_FILE
+
+    for version in reversed(registry.versions()):
+        try:
+            manifest = registry.manifest(version)
+            folder = registry.version_dir(version)
+        except (VersionNotFound, InvalidVersion):
+            continue
+        if (manifest.get("backbone"), manifest.get("weights_origin"),
+                manifest.get("preprocessing")) == (choice.name, choice.weights_origin,
+                                                   preset.to_dict()) \
+                and manifest.get("strategy") in FROZEN_BACKBONE_STRATEGIES \
+                and (folder / ONNX_FILE).is_file():
+            return seed_graph(features, folder / ONNX_FILE)
+    return False
+
+
+def engine_as_measured(registry: Registry, choice: BackboneChoice, preset: EvalPreset,
+                       candidate: nn.Module, staging: Path, features: FeatureCache
+                       ) -> dict[str, Any] | None:
+    """The manifest's `inference` record of a feature-extract candidate without timing the
+    engines again, or None (then `choose_engine` measures).
+
+    Why: the engines' speeds are those of the backbone (the head is one matrix product), and a
+    candidate of feature-extract has the frozen backbone of every version with the same
+    backbone, weights and preprocessing; the newest such version whose engines were measured
+    (`eager_images_per_s` and `onnxruntime_images_per_s` in its record; v0 has them) decided
+    for this one. The ONNX graph is the feature cache's extractor graph plus this head
+    (`graph_with_head`: no second export), and is checked like an exported one: outputs
+    within `ATOL` of eager on random inputs, else None. `measured_for` names the version
+    whose measurement decided."""
+    from training.inference import ATOL, CHECK_BATCH, ONNX_FILE, OnnxModule
+
+    measured = None
+    for version in reversed(registry.versions()):
+        try:
+            manifest = registry.manifest(version)
+        except (VersionNotFound, InvalidVersion):
+            continue
+        record = manifest.get("inference") or {}
+        if (manifest.get("backbone"), manifest.get("weights_origin"),
+                manifest.get("preprocessing")) == (choice.name, choice.weights_origin,
+                                                   preset.to_dict()) \
+                and record.get("engine") in ("eager", "onnxruntime") \
+                and record.get("eager_images_per_s") and record.get("onnxruntime_images_per_s"):
+            measured = (record.get("measured_for") or version, record)
+            break
+    if measured is None:
+        return None
+    source, record = measured
+    out: dict[str, Any] = {
+        "engine": record["engine"], "device": "cpu", "threads": torch.get_num_threads(),
+        "eager_images_per_s": record["eager_images_per_s"],
+        "onnxruntime_images_per_s": record["onnxruntime_images_per_s"],
+        "measured_for": source}
+    if record["engine"] == "eager":
+        return {**out, "reason": f"eager PyTorch measured faster for {source} (the same "
+                                 "backbone, weights and preprocessing)"}
+    path = staging / ONNX_FILE
+    x = torch.randn(CHECK_BATCH, 3, preset.crop, preset.crop,
+                    generator=torch.Generator().manual_seed(0))
+    try:
+        _, head = split_head(candidate)
+        graph_with_head(features, head, path)
+        with torch.inference_mode():
+            diff = float((OnnxModule(path)(x) - candidate(x)).abs().max())
+    except Exception as exc:
+        log.warning("inference engine: the cached extractor graph plus the head failed "
+                    "(%s: %s); measuring", type(exc).__name__, exc)
+        path.unlink(missing_ok=True)
+        return None
+    if diff > ATOL:
+        log.warning("inference engine: the cached extractor graph plus the head differs from "
+                    "eager by %.2e; measuring", diff)
+        path.unlink(missing_ok=True)
+        return None
+    ratio = record["onnxruntime_images_per_s"] / record["eager_images_per_s"]
+    log.info("inference engine: onnxruntime, as measured for %s", source)
+    return {**out, "max_abs_diff": diff,
+            "reason": f"measured {ratio:.2f}x eager PyTorch for {source} (the same backbone, "
+                      "weights and preprocessing); outputs equal within tolerance"}
 
 
 def _per_class(confusion: list[list[int]], classes: list[str]) -> dict[str, float | None]:

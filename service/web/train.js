@@ -58,6 +58,11 @@ export function mount(root, ctx) {
       h("div", { class: "fields" }, ...controls), gate,
       h("div", { class: "row" }, h("button", { type: "submit", class: "primary", id: "train-start" }, "Start training")),
       error);
+    // Augmentation's default follows the strategy (the server's rule: off for feature-extract,
+    // whose backbone features are then cached; on for finetune and partial): show it.
+    form.querySelector("#train-strategy").addEventListener("change", (event) => {
+      form.querySelector("#train-augment").checked = event.target.value !== "feature-extract";
+    });
   }
 
   function overrides() {
@@ -69,7 +74,9 @@ export function mount(root, ctx) {
       const v = Number(val(name).value);
       if (v !== defaults[name]) out[name] = v;
     }
-    for (const [name] of FLAGS) if (val(name).checked !== !!defaults[name]) out[name] = val(name).checked;
+    for (const [name] of FLAGS) {  // augment is sent with a changed strategy: its default follows it
+      if (val(name).checked !== !!defaults[name] || (name === "augment" && out.strategy)) out[name] = val(name).checked;
+    }
     const gate = {};
     for (const [name] of GATE) {
       const v = Number(val(`gate-${name}`).value);

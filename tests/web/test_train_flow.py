@@ -46,13 +46,18 @@ def test_train_from_the_page_then_activate_the_old_version_back(
     page.fill("#train-epochs", "2")
     page.fill("#train-image_size", "64")
     page.fill("#train-batch_size", "8")
-    page.uncheck("#train-augment")
+    # augmentation's default follows the strategy: off for feature-extract (features cached)
+    assert not page.is_checked("#train-augment")
+    page.select_option("#train-strategy", "finetune")
+    assert page.is_checked("#train-augment")
+    page.select_option("#train-strategy", "feature-extract")
+    assert not page.is_checked("#train-augment")
     page.click("#train-form details.gate summary")
     page.fill("#train-gate-min_error_reduction", "0")
     page.click("#train-start")
     page.wait_for_selector("#job-status")
     assert json.loads(started[0]) == {"epochs": 2, "batch_size": 8, "image_size": 64,
-                                      "augment": False, "gate": {"min_error_reduction": 0}}
+                                      "gate": {"min_error_reduction": 0}}
     page.wait_for_selector("#job-status:has-text('succeeded')", timeout=300_000)
     outcome = page.inner_text("#job-outcome")
     assert outcome.startswith("Published v1: promoted"), outcome
