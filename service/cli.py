@@ -456,6 +456,17 @@ def _run_training(home: Path, settings: Settings, cfg: TrainConfig,
     raise CliError(f"job {record['job_id']} {status}: {record.get('error') or record['reason']}")
 
 
+def _status_with_stage(record: dict[str, Any]) -> str:
+    """"running: computing features": a job that has not ended shows the stage it is in (set
+    from its creation: queued, preparing data, starting workers, computing features, training,
+    evaluating, publishing); an ended one its status."""
+    status = str(record.get("status", ""))
+    stage = record.get("stage")
+    from training.jobs import ACTIVE
+
+    return f"{status}: {stage}" if stage and status in ACTIVE and stage != status else status
+
+
 def _show_progress(bar: Any, record: dict[str, Any]) -> None:
     p = record.get("progress") or {}
     bar.n = round(100 * float(p.get("fraction") or 0.0))
@@ -467,7 +478,7 @@ def _show_progress(bar: Any, record: dict[str, Any]) -> None:
         parts.append(f"val acc {last['val_accuracy']:.3f}")
     if p.get("eta_s") is not None:
         parts.append(f"ETA {int(p['eta_s'])}s")
-    bar.set_description(record.get("status", ""))
+    bar.set_description(_status_with_stage(record))
     bar.set_postfix_str(", ".join(parts))
 
 
@@ -851,9 +862,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     rows: list[tuple[str, ...]] = [("JOB", "STATUS", "SOURCE", "STARTED", "VERSION", "PROMOTED",
                                     "REASON")]
     for j in body["jobs"]:
-        status = j["status"]
+        status = _status_with_stage(j)
         p = j.get("progress") or {}
-        if status == "running":
+        if j["status"] == "running":
             status += f" {p.get('epoch', 0)}/{p.get('epochs', 0)}"
             if p.get("eta_s") is not None:
                 status += f" ETA {int(p['eta_s'])}s"

@@ -625,3 +625,15 @@ def test_train_resume_continues_a_cancelled_job_from_its_checkpoint(
     assert record["status"] == "succeeded" and record["resumed_from_epoch"] == epoch
     assert [m["epoch"] for m in record["metrics"]] == list(range(1, epochs + 1))
     assert [(r["source"], r["from_epoch"]) for r in record["resumes"]] == [("cli", epoch)]
+
+
+def test_a_job_in_progress_shows_its_stage() -> None:
+    """The progress bar's label and `visionloop jobs`' STATUS: the stage of a job that has not
+    ended (a job's first seconds are not a blank), the status of one that has."""
+    from service.cli import _status_with_stage
+
+    assert _status_with_stage({"status": "running", "stage": "computing features"}) == \
+        "running: computing features"
+    assert _status_with_stage({"status": "queued", "stage": "queued"}) == "queued"
+    assert _status_with_stage({"status": "succeeded", "stage": "publishing"}) == "succeeded"
+    assert _status_with_stage({"status": "running"}) == "running"
