@@ -109,10 +109,12 @@ def test_replica_killed_under_load_recovers(svc: RunningService) -> None:
           f"recovered (first 200 after the kill) in {recovered_at - killed_at:.1f}s")
     assert not after_recovery, after_recovery
     # Only requests in flight around the kill may fail: each client has one at a time. Those
-    # the dead replica held are answered by Serve's proxy (500, its own text: nothing of ours
-    # is left to answer them); requests that arrive while it restarts wait for the new one.
+    # the dead replica held end as the front end ends them, nothing of ours being left to
+    # answer: Serve's Python proxy answers 500 (its own text); HAProxy, the default front end,
+    # returns 502/503 or closes the connection of a request the replica held (the client sees
+    # a disconnect). Requests that arrive while it restarts wait for the new one.
     assert len(failures) <= 2 * HAMMER_THREADS, failures
-    assert all(f.status in (500, 503) for f in failures), failures
+    assert all(f.status in (500, 502, 503, "RemoteProtocolError") for f in failures), failures
     assert served_versions(svc) == ["v0"]
 
 
