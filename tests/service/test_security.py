@@ -147,12 +147,14 @@ def test_an_unusable_token_file_stops_the_start_naming_it(tmp_path: Path, kind: 
     assert str(path) in client.hint() and SECRET not in client.hint()
 
 
-def test_visionloop_up_refuses_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_visionloop_up_refuses_in_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check runs in the service's child process (`visionloop up` supervises it), so the
+    line is read from the file descriptors both write to."""
     monkeypatch.delenv("VISIONLOOP_API_TOKEN", raising=False)
     _write("empty", token_path(tmp_path))
     assert main(["up", "--home", str(tmp_path), "--port", "1"]) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("visionloop: the API token file ")
     assert str(token_path(tmp_path)) in err and "is empty" in err
 
