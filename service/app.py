@@ -47,6 +47,7 @@ failed-call noise. A SIGKILL of `visionloop up` leaves no process and no bound p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -71,16 +72,25 @@ APP_NAME = "visionloop"
 # before the local cluster starts (`serve_environment`), or in the environment of every
 # `ray start` of an existing cluster (docker-compose.yml passes them). A value already set wins.
 SERVE_ENVIRONMENT = {
-    # Serve's HAProxy front end, on by default (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's Python
-    # proxy): it answers faster (benchmarks/serving.py; figures in the README, Performance).
-    # On a cluster `visionloop up` starts itself it is made safe first (`guard_haproxy`): it
-    # cannot outlive the service, and its stats page and metrics listen on loopback only, on
-    # ports of their own. Without an HAProxy binary the Python proxy serves instead.
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Serve's HAProxy front end: faster (benchmarks/serving.py; README, Performance), on in
+    # compose, opt-in for `visionloop up` (RAY_SERVE_ENABLE_HA_PROXY=1), where it is made safe
+    # first (`guard_haproxy`: it cannot outlive the service, and its stats page and metrics
+    # listen on loopback only, on ports of their own). Not the default here: in this session's
+    # test runs a `visionloop up` with it failed to start twice ("HAProxy ... did not take over
+    # the admin socket within 30 seconds"; once its manager actor was killed before it was
+    # ready), and Ray 2.60 puts every HAProxy's admin socket at one machine-wide path
+    # (/tmp/haproxy-serve/admin.sock) unless RAY_SERVE_HAPROXY_SOCKET_PATH is set. The Python
+    # proxy has started reliably in every run.
+    "RAY_SERVE_ENABLE_HA_PROXY": "0",
     # With HAProxy, a stopping API replica first waits this long for the front end to stop
     # routing to it (Ray 2.60's default: 30 s, on every stop); the front end runs beside the
     # replicas and learns of it at once. docker-compose.yml sets the same.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+    # Serve's controller gives a starting proxy actor this long to say it is ready before it
+    # kills it (Ray 2.60: 5 s); the HAProxy front end's actor starts HAProxy and waits for it,
+    # which a loaded 2-core machine did not do in 5 s once (a CI rehearsal: `visionloop up`
+    # failed with "HAProxyManager ... killed by `ray.kill`"). docker-compose.yml sets the same.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
 }
 
 # HAProxy's stats page and Prometheus metrics ports (Ray 2.60: 8404 and 9101 by default, bound
@@ -150,7 +160,11 @@ def guard_haproxy() -> Path | None:
         log.warning("HAProxy is only made safe on Linux: Serve's Python proxy serves instead")
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
         return None
-    guard = Path(tempfile.gettempdir()) / f"visionloop-{os.getuid()}" / "haproxy-guard"
+    text = HAPROXY_GUARD.replace("{python}", sys.executable)
+    # One file per guard text (i.e. per Python): two installs on one machine (two checkouts,
+    # a venv and a system install) never rewrite the guard the other's HAProxy is exec'ing.
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    guard = Path(tempfile.gettempdir()) / f"visionloop-{os.getuid()}" / f"haproxy-guard-{digest}"
     real = os.environ.get(HAPROXY_REAL_BINARY)
     if not real or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") != str(guard):
         from ray.serve._private.haproxy import _resolve_haproxy_binary
@@ -161,7 +175,6 @@ def guard_haproxy() -> Path | None:
             log.warning("HAProxy is not available (%s): Serve's Python proxy serves instead", exc)
             os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
             return None
-    text = HAPROXY_GUARD.replace("{python}", sys.executable)
     guard.parent.mkdir(mode=0o700, exist_ok=True)
     if not guard.is_file() or guard.read_text() != text:
         tmp = guard.with_name(f"{guard.name}.{os.getpid()}.tmp")

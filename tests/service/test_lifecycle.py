@@ -209,7 +209,8 @@ def test_the_guard_binds_stats_to_loopback_and_dies_with_its_parent(
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
         wait_for(lambda: not alive(pid), timeout=10, interval=0.1, what="HAProxy to die")
-        assert listening_on(front) == []
+        wait_for(lambda: listening_on(front) == [], timeout=10, interval=0.1,
+                 what=f"nothing listening on {front} (HAProxy's port)")
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -225,7 +226,9 @@ class Up:
     def __init__(self, home: Path, port: int, log: Path):
         env = {**os.environ, "VISIONLOOP_BACKBONE": BACKBONE, "RAY_USAGE_STATS_ENABLED": "0",
                # One replica is all a life-cycle test needs; the shared machine thanks it.
-               "VISIONLOOP_CLASSIFIER_REPLICAS": "1"}
+               "VISIONLOOP_CLASSIFIER_REPLICAS": "1",
+               # HAProxy (opt-in for `visionloop up`): what must not outlive the service
+               "RAY_SERVE_ENABLE_HA_PROXY": "1"}
         env.pop("RAY_ADDRESS", None)
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
@@ -263,7 +266,7 @@ def test_up_stops_quietly_and_leaves_nothing_behind_then_starts_again(tmp_path: 
     up = Up(home, port, tmp_path / "up1.log")
     try:
         haproxies = up.ready()
-        assert haproxies, "HAProxy, the default front end, is not running:\n" + up.output()
+        assert haproxies, "HAProxy (asked for) is not running:\n" + up.output()
         for pid in haproxies:  # its stats and metrics: loopback only
             assert all(ip == "127.0.0.1" for ip, _ in process_listeners(pid)), \
                 process_listeners(pid)
