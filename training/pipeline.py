@@ -202,17 +202,8 @@ def held_out_logits(model: nn.Module, preset: EvalPreset, items: Sequence[Item],
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """`model`'s logits on `items` with their labels, on the CPU: ((N, C) float32, (N,)
     int64)."""
-    samples = [(str(i.path), class_index[i.label]) for i in items]
-    loader = DataLoader(ImageFileDataset(samples, preset, preset.resize), batch_size=batch_size)
     model.eval()
-    logits, labels = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            logits.append(model(x).float())
-            labels.append(y.long())
-    if not logits:
-        return torch.zeros(0, len(class_index)), torch.zeros(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(labels)
+    return _logits_over(model, preset, items, class_index, batch_size)
 
 
 def cached_logits(model: nn.Module, preset: EvalPreset, items: Sequence[Item],
@@ -225,13 +216,22 @@ def cached_logits(model: nn.Module, preset: EvalPreset, items: Sequence[Item],
     features are computed here and not cached: the cache holds what the workers see."""
     extractor, head = split_head(model)
     engine = cpu_extractor(extractor.eval(), features, preset.crop)
+    head.eval()
+    return _logits_over(lambda x: head(engine(x).flatten(1)), preset, items, class_index,
+                        batch_size)
+
+
+def _logits_over(forward: Callable[[torch.Tensor], torch.Tensor], preset: EvalPreset,
+                 items: Sequence[Item], class_index: dict[str, int], batch_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward` over `items`' images (the eval preprocessing, decoded to the resize) ->
+    (logits (N, C) float32, labels (N,) int64)."""
     samples = [(str(i.path), class_index[i.label]) for i in items]
     loader = DataLoader(ImageFileDataset(samples, preset, preset.resize), batch_size=batch_size)
-    head.eval()
     logits, labels = [], []
     with torch.inference_mode():
         for x, y in loader:
-            logits.append(head(engine(x).flatten(1)).float())
+            logits.append(forward(x).float())
             labels.append(y.long())
     if not logits:
         return torch.zeros(0, len(class_index)), torch.zeros(0, dtype=torch.long)
