@@ -457,7 +457,8 @@ def test_delete_relabel_and_add_during_a_job_change_the_dataset_not_the_job(
     started: list[str] = []
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(run_job(
-        tmp_path, _cfg(epochs=epochs, workers=1, batch_size=4), on_started=started.append)))
+        tmp_path, _cfg(epochs=epochs, workers=1, batch_size=4, augment=True),
+        on_started=started.append)))
     thread.start()
     try:
         job_id = wait_for(lambda: started[0] if started else None, timeout=60,
