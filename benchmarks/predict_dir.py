@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     n = 128 if args.quick else args.images
     cpus = os.cpu_count() or 1
     import ray
-    from ray import serve
+
+    from service.cli import stop_serve
 
     jpegs = photo_jpegs(n, seed=11)
     serve_environment()
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             service = start_service(home, classifier_replicas=cpus, classifier_threads=1,
                                     max_batch_size=8)
             served = load(service.url, jpegs, 16, requests=n)
-            serve.shutdown()
+            stop_serve()
 
             times: list[float] = []
             out = Path(tmp) / "preds.jsonl"

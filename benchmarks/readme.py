@@ -256,10 +256,10 @@ SOURCES: list[tuple[str, str, Callable[[dict[str, Any]], list[Row]]]] = [
     ("predict_dir", "python -m benchmarks.predict_dir", predict_dir_rows),
     ("web", "python -m benchmarks.web", web_rows),
 ]
-# rendered only when their benchmark exists (retrain) or when they were run (the HAProxy
-# front end on its own: `make bench` runs the Python proxy as the other front end, HAProxy
-# being the default)
-OPTIONAL = {"retrain", "serving-haproxy"}
+# rendered only when their benchmark exists (retrain) or when they were run (the Python proxy
+# on its own: it is `visionloop up`'s default front end, measured by `benchmarks.serving`'s
+# defaults and layouts; `make bench` runs HAProxy as the other front end)
+OPTIONAL = {"retrain", "serving-python-proxy"}
 
 
 def _cell(text: str) -> str:
@@ -274,7 +274,7 @@ def render(results: Path = RESULTS) -> str:
         path = results / f"{stem}.json"
         source = f"`benchmarks/results/{stem}.json`"
         if not path.exists():
-            if stem in OPTIONAL and (stem == "serving-haproxy" or not (
+            if stem in OPTIONAL and (stem == "serving-python-proxy" or not (
                     Path(__file__).parent / f"{stem}.py").exists()):
                 continue
             rows.append(f"| {stem} | not measured: no results file yet | {source} | "

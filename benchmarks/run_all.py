@@ -6,9 +6,9 @@ Ray cluster), then the README's performance table: `make bench`, or
     benchmarks.serving             one table from one run: the in-process limit, `visionloop
                                    up`'s defaults (cold start, memory), the peers, other
                                    layouts on the default front end, hot reload
-    benchmarks.serving --front-end python-proxy
-                                   the layouts again on Serve's Python proxy (HAProxy is
-                                   the default front end)
+    benchmarks.serving --front-end haproxy
+                                   the layouts again on Serve's HAProxy front end (opt-in
+                                   for `visionloop up`, on in compose)
     benchmarks.training            Ray Train against the plain PyTorch loop, feature cache
     benchmarks.retrain             POST /v1/train to the new version answering, by stage
     benchmarks.predict_dir         batch prediction (Ray Data) against the served path
@@ -40,7 +40,7 @@ HERE = Path(__file__).parent
 RUNS: list[tuple[list[str], bool]] = [
     (["benchmarks.pipeline"], True),
     (["benchmarks.serving"], True),
-    (["benchmarks.serving", "--front-end", "python-proxy"], True),
+    (["benchmarks.serving", "--front-end", "haproxy"], True),
     (["benchmarks.training"], False),
     (["benchmarks.retrain"], True),
     (["benchmarks.predict_dir"], True),

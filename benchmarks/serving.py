@@ -15,7 +15,8 @@ beforehand) posting 640x480 photo-like JPEGs (multipart) over loopback. It print
    1 and 16 clients. With it: cold start (seconds from starting `visionloop up` to the first
    answered POST /v1/predict), and memory: RSS of each API replica and the whole service's RSS
    and PSS (every process under `visionloop up`: driver, Ray's GCS, raylet, workers, Serve
-   actors, a front end) at idle and the peak under the 16-client load. RSS counts pages shared
+   actors, a front end) at idle and the peak under a 16-client load (a load run of its own,
+   after the measured one: sampling costs CPU). RSS counts pages shared
    between processes once per process; PSS shares them out, so the sum of PSS is the service's
    honest total;
 3. peers: `benchmarks.peers.measure_peers` on the same model, images, load generator and
@@ -197,21 +198,11 @@ class NoopIngress:
 
 
 def stop() -> None:
-    """Shut Serve down and wait until its controller is gone: a `serve.start` while the old
-    controller is still being killed joins it, and dies with it."""
-    import ray
-    from ray import serve
+    """Stop Serve and wait until its controller is gone (a `serve.start` while the old
+    controller is still being killed joins it, and dies with it); Ray stays up."""
+    from service.cli import stop_serve
 
-    serve.shutdown()
-
-    def controller_gone() -> bool:
-        try:
-            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-        except ValueError:
-            return True
-        return False
-
-    wait_for(controller_gone, 60, what="the Serve controller to exit")
+    stop_serve()
 
 
 def hot_reload(url: str, home: Path, jpegs: list[bytes]) -> dict[str, Any]:
@@ -410,9 +401,12 @@ def run_defaults(home: Path, jpegs: list[bytes], duration: float) -> dict[str, A
             record(proc.pid, seen)
             front = "HAProxy" if "haproxy" in process_names(seen) else "Serve's Python proxy"
             one = load(url, jpegs, 1, requests=60)
+            many = load(url, jpegs, 16, duration=duration)
+            # Memory under load in a load run of its own: reading /proc/<pid>/smaps_rollup of
+            # every process takes CPU the served figures above must not lose.
             sampler = MemorySampler(proc.pid)
             sampler.start()
-            many = load(url, jpegs, 16, duration=duration)
+            load(url, jpegs, 16, duration=min(duration, 8))
             sampler.halt.set()
             sampler.join()
             record(proc.pid, seen)

@@ -303,8 +303,18 @@ SERVE_STOP_TIMEOUT_S = 15.0
 
 
 def stop_service(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
-    """Stop Serve, then this process's Ray: bounded and quiet. -> whether Serve stopped on its
-    own within `timeout_s`.
+    """Stop Serve (`stop_serve`), then this process's Ray: bounded and quiet. -> whether Serve
+    stopped on its own within `timeout_s`."""
+    import ray
+
+    stopped = stop_serve(timeout_s)
+    ray.shutdown()
+    return stopped
+
+
+def stop_serve(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
+    """Stop Serve and wait until its controller is gone, leaving Ray up (a later `serve.start`
+    starts a fresh controller). -> whether Serve stopped on its own within `timeout_s`.
 
     Not `serve.shutdown()`: in Ray 2.60 it calls the controller's `graceful_shutdown` and waits
     on it until the controller kills itself; that call can never return (the controller's
@@ -345,7 +355,6 @@ def stop_service(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
     if client is not None:
         client._shutdown = True
     context._set_global_client(None)
-    ray.shutdown()
     return stopped
 
 
