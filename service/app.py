@@ -72,15 +72,15 @@ APP_NAME = "visionloop"
 # before the local cluster starts (`serve_environment`), or in the environment of every
 # `ray start` of an existing cluster (docker-compose.yml passes them). A value already set wins.
 SERVE_ENVIRONMENT = {
-    # Serve's HAProxy front end: faster (benchmarks/serving.py; README, Performance), on in
-    # compose, opt-in for `visionloop up` (RAY_SERVE_ENABLE_HA_PROXY=1), where it is made safe
-    # first (`guard_haproxy`: it cannot outlive the service, and its stats page and metrics
-    # listen on loopback only, on ports of their own). Not the default here: in this session's
-    # test runs a `visionloop up` with it failed to start twice ("HAProxy ... did not take over
-    # the admin socket within 30 seconds"; once its manager actor was killed before it was
-    # ready), and Ray 2.60 puts every HAProxy's admin socket at one machine-wide path
-    # (/tmp/haproxy-serve/admin.sock) unless RAY_SERVE_HAPROXY_SOCKET_PATH is set. The Python
-    # proxy has started reliably in every run.
+    # Serve's HAProxy front end: with a no-op handler, 11x the requests/s of the Python proxy
+    # here (benchmarks/serving.py; README, Performance). On in compose; `visionloop up` turns it on
+    # for the local cluster it starts unless this variable is set (service.cli.cmd_up), made
+    # safe first (`guard_haproxy`: it cannot outlive the service, and its stats page and
+    # metrics listen on loopback only, on ports of their own), and falls back to the Python
+    # proxy when it does not start (in test runs on a loaded 2-core machine two starts failed:
+    # "HAProxy ... did not take over the admin socket within 30 seconds", and once its manager
+    # actor was killed before it was ready). Off for the other local clusters (one-shot
+    # commands such as `visionloop train` serve nothing; the tests' services).
     "RAY_SERVE_ENABLE_HA_PROXY": "0",
     # With HAProxy, a stopping API replica first waits this long for the front end to stop
     # routing to it (Ray 2.60's default: 30 s, on every stop); the front end runs beside the

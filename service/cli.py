@@ -216,7 +216,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if os.environ.get(UP_CHILD) != "1":
         _read(Settings, home=args.home, host=args.host, port=args.port)  # bad settings: here
         return _supervise(args)
-    from ray import serve
+    import ray.serve  # noqa: F401  (first: importing it sets its logger to INFO, lowered below)
 
     from service.app import APP_NAME, build_app, prepare_home
 
@@ -228,15 +228,35 @@ def cmd_up(args: argparse.Namespace) -> int:
     def on_signal(*_: Any) -> None:
         stop.set()
 
-    init_ray(settings.ray_num_cpus)
-    # After ray.init, which installs its own fatal-signal handler for SIGTERM (abort + core).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    # Only the head publishes the API port (compose, KubeRay): proxies on worker nodes would
-    # serve nobody and keep those nodes from draining.
-    serve.start(proxy_location="HeadOnly",
-                http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    # HAProxy is the front end of a local cluster unless the user says otherwise: Serve's
+    # Python proxy costs ~10x its CPU per request here (README, Performance). Its start is
+    # checked through the service port, and a start that fails falls back to the Python proxy
+    # (`_start_serve`), so a machine where HAProxy cannot start still gets a service.
+    haproxy_ours = (not os.environ.get("RAY_ADDRESS")
+                    and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ)
+    if haproxy_ours:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+
+    def start() -> None:
+        init_ray(settings.ray_num_cpus)
+        # After ray.init, which installs its own fatal-signal handler for SIGTERM (abort + core).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        _start_serve(settings, build_app, APP_NAME)
+
+    try:
+        start()
+    except Exception as exc:
+        if not (haproxy_ours and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"):
+            raise
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        logging.getLogger(__name__).warning(
+            "Serve's HAProxy front end did not start (%s); starting again with Serve's Python "
+            "proxy (slower; RAY_SERVE_ENABLE_HA_PROXY=0 skips the attempt)",
+            lines[-1] if lines else type(exc).__name__)
+        stop_service()
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+        start()
     url = f"http://{settings.host}:{settings.port}"
     print(f"visionloop is up at {url}  (API docs: {url}/docs)", flush=True)
     if token_file is not None:
@@ -249,6 +269,38 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop_service()
     print(f"stopped ({time.monotonic() - started:.1f} s)", flush=True)
     return 0
+
+
+# How long `visionloop up` waits for its front end to answer /healthz after `serve.run`.
+FRONT_END_READY_S = 60.0
+
+
+def _start_serve(settings: Settings, build_app: Callable[[Settings], Any], name: str) -> None:
+    """serve.start + serve.run, then wait until the service port answers GET /healthz (Serve
+    reports an app running before its front end routes to it; a HAProxy that failed to take
+    over after a reload never does): RuntimeError after FRONT_END_READY_S."""
+    import httpx
+    from ray import serve
+
+    # Only the head publishes the API port (compose, KubeRay): proxies on worker nodes would
+    # serve nobody and keep those nodes from draining.
+    serve.start(proxy_location="HeadOnly",
+                http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings), name=name, route_prefix="/")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}/healthz"
+    deadline = time.monotonic() + FRONT_END_READY_S
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(url, timeout=5)
+            if answer.status_code == 200:
+                return
+            last = f"HTTP {answer.status_code}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within {FRONT_END_READY_S:.0f} s ({last})")
 
 
 def _supervise(args: argparse.Namespace) -> int:

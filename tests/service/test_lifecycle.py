@@ -24,6 +24,7 @@ from service.app import guard_haproxy
 from service.cli import SERVE_STOP_TIMEOUT_S
 from service.deployments import MAX_AUTO_REPLICAS, REPLICA_MEMORY_ALLOWANCE, classifier_plan
 from service.settings import SettingsError, load_settings
+from tests.support.images import encode, noisy_picture
 from tests.support.service import BACKBONE
 from tests.support.waiting import free_port, wait_for, wait_ready
 
@@ -223,13 +224,13 @@ class Up:
     """`visionloop up` on `port` as a subprocess in a session (and process group) of its own,
     output to `log`."""
 
-    def __init__(self, home: Path, port: int, log: Path):
+    def __init__(self, home: Path, port: int, log: Path, **extra_env: str):
         env = {**os.environ, "VISIONLOOP_BACKBONE": BACKBONE, "RAY_USAGE_STATS_ENABLED": "0",
                # One replica is all a life-cycle test needs; the shared machine thanks it.
-               "VISIONLOOP_CLASSIFIER_REPLICAS": "1",
-               # HAProxy (opt-in for `visionloop up`): what must not outlive the service
-               "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+               "VISIONLOOP_CLASSIFIER_REPLICAS": "1", **extra_env}
         env.pop("RAY_ADDRESS", None)
+        # The front end `visionloop up` chooses (HAProxy; what must not outlive the service)
+        env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
         self.before = haproxy_pids()
@@ -309,3 +310,27 @@ def test_up_stops_quietly_and_leaves_nothing_behind_then_starts_again(tmp_path: 
         up.kill()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{up.url}/healthz", timeout=2)
+
+
+@pytest.mark.slow
+def test_up_falls_back_to_the_python_proxy_when_haproxy_cannot_start(tmp_path: Path) -> None:
+    """A HAProxy that exits at once (a real binary: /bin/false, through Ray's own setting for
+    the binary): `visionloop up` says so in one warning, starts again on Serve's Python proxy,
+    answers, and stops cleanly."""
+    home, port = tmp_path / "home", free_port()
+    up = Up(home, port, tmp_path / "up.log", RAY_SERVE_HAPROXY_BINARY_PATH="/bin/false")
+    try:
+        assert up.ready() == set()  # no HAProxy of this service
+        output = up.output()
+        assert output.count("HAProxy front end did not start") == 1, output[-3000:]
+        assert "starting again with Serve's Python proxy" in output
+        token = (home / "secrets" / "api-token").read_text().strip()
+        image = encode(noisy_picture((200, 30, 30), 0))
+        answer = httpx.post(f"{up.url}/v1/predict", files={"files": ("red.png", image)},
+                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(timeout=STOP_BOUND_S + 30) == 0
+        assert listening_on(port) == []
+    finally:
+        up.kill()
