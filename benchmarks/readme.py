@@ -182,6 +182,17 @@ def serving_rows(r: dict[str, Any]) -> list[Row]:
         ("memory at idle", _mem(d["memory"]["idle"])),
         ("memory under 16 clients (peak)", _mem(d["memory"]["under_16_clients"])),
     ]
+    cpu, pipe = d.get("cpu_ms_per_request_16_clients"), d.get("pipeline_cpu_ms_per_image")
+    if cpu and pipe:  # files written before the breakdown existed have neither
+        in_pipeline = sum(pipe.values())
+        rows.append((
+            "where the CPU goes with the defaults, 16 clients (CPU ms per answered request)",
+            "; ".join(f"{g} {num(v)}" for g, v in cpu.items() if g != "total")
+            + f"; total {num(cpu['total'])}. The in-process pipeline: "
+            + ", ".join(f"{k} {num(v)}" for k, v in pipe.items())
+            + f" = {num(in_pipeline)} per image, so the API replicas spend "
+            f"{num(cpu['API replicas'] - in_pipeline)} ms per request on HTTP, Serve and the "
+            "app"))
     return rows + _layout_rows(r, r["front_end"])
 
 

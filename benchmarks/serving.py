@@ -270,6 +270,48 @@ def memory_snapshot(root: int) -> dict[str, Any]:
             "service_pss_mib": round(pss / 1024, 1), "processes": count}
 
 
+# Which part of the service a process is, by its Ray process title or command name (the CPU
+# breakdown of `cpu_snapshot`), first match wins.
+CPU_GROUPS: list[tuple[str, re.Pattern[str]]] = [
+    ("API replicas", REPLICA_TITLE),
+    ("front end", re.compile(r"haproxy|ray::ProxyActor|ray::HAProxyManager")),
+    ("other Serve actors", re.compile(r"ray::Serve")),
+]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(root: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """(pid, start time) -> (CPU group, user + system CPU seconds so far) for process `root`
+    and every descendant; processes that are not in CPU_GROUPS are "Ray and the rest" (GCS,
+    raylet, agents, idle workers, `visionloop up` itself)."""
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    for pid in [root, *descendants(root)]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        group = next((g for g, pattern in CPU_GROUPS
+                      if pattern.search(title) or pattern.search(comm)), "Ray and the rest")
+        out[(pid, int(fields[19]))] = (group, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return out
+
+
+def cpu_per_request(before: dict[tuple[int, int], tuple[str, float]],
+                    after: dict[tuple[int, int], tuple[str, float]],
+                    load_generator_s: float, requests: int) -> dict[str, float]:
+    """CPU ms per answered request of each group between two `cpu_snapshot`s (a process that
+    started meanwhile counts from 0), the load generator's (this process) and the total."""
+    spent: dict[str, float] = {}
+    for key, (group, seconds) in after.items():
+        spent[group] = spent.get(group, 0.0) + seconds - before.get(key, (group, 0.0))[1]
+    spent["load generator"] = load_generator_s
+    out = {g: round(1000 * t / max(requests, 1), 2) for g, t in sorted(spent.items())}
+    out["total"] = round(sum(1000 * t for t in spent.values()) / max(requests, 1), 2)
+    return out
+
+
 class MemorySampler(threading.Thread):
     """memory_snapshot(root) every `interval` s until stopped; `peak` is the snapshot with the
     largest service PSS, with each replica's largest RSS seen."""
@@ -401,7 +443,12 @@ def run_defaults(home: Path, jpegs: list[bytes], duration: float) -> dict[str, A
             record(proc.pid, seen)
             front = "HAProxy" if "haproxy" in process_names(seen) else "Serve's Python proxy"
             one = load(url, jpegs, 1, requests=60)
+            record(proc.pid, seen)
+            cpu_before, own_before = cpu_snapshot(proc.pid), time.process_time()
             many = load(url, jpegs, 16, duration=duration)
+            cpu = cpu_per_request(cpu_before, cpu_snapshot(proc.pid),
+                                  time.process_time() - own_before,
+                                  many["statuses"].get(200, 0))
             # Memory under load in a load run of its own: reading /proc/<pid>/smaps_rollup of
             # every process takes CPU the served figures above must not lose.
             sampler = MemorySampler(proc.pid)
@@ -417,7 +464,8 @@ def run_defaults(home: Path, jpegs: list[bytes], duration: float) -> dict[str, A
                       f"{front}",
             "replicas": n, "front_end": front, "cold_start_s": round(cold_start_s, 1),
             "memory": {"idle": idle, "under_16_clients": sampler.peak()},
-            "left_behind_after_stop": left, "1": one, "16": many}
+            "left_behind_after_stop": left, "1": one, "16": many,
+            "cpu_ms_per_request_16_clients": cpu}
 
 
 def measure_peer_rows(model_dir: Path, jpegs: list[bytes], clients: Sequence[int],
@@ -605,7 +653,15 @@ def summary(rows: list[dict[str, Any]], results: dict[str, Any], best: dict[str,
                            "vs_best_peer": d16.get("vs_best_peer"),
                            "added_p50_ms": d1["added_p50_ms"],
                            "cold_start_s": d["cold_start_s"], "memory": d["memory"],
-                           "left_behind_after_stop": d["left_behind_after_stop"]}
+                           "left_behind_after_stop": d["left_behind_after_stop"],
+                           "cpu_ms_per_request_16_clients":
+                               d.get("cpu_ms_per_request_16_clients"),
+                           # the in-process pipeline's CPU per image, stage by stage (its best
+                           # layout): what an API replica's CPU per request is read against
+                           "pipeline_cpu_ms_per_image": {
+                               k.removesuffix("_cpu_ms"): best[k] for k in
+                               ("decode_cpu_ms", "preprocess_cpu_ms", "engine_cpu_ms")
+                               if k in best}}
         out["goals"] = {
             "served_vs_in_process_at_least_0.8": d16["vs_in_process"] >= 0.8,
             "served_vs_best_peer_at_least_2": (None if d16.get("vs_best_peer") is None
@@ -629,7 +685,10 @@ def notes(s: dict[str, Any], front: str, quick: bool) -> list[str]:
                 f"memory idle: {mem['idle']}; under 16 clients (peak): "
                 f"{mem['under_16_clients']}",
                 f"left behind after stopping `visionloop up`: "
-                f"{d['left_behind_after_stop'] or 'nothing'}"]
+                f"{d['left_behind_after_stop'] or 'nothing'}",
+                f"CPU ms per answered request at 16 clients, by process group: "
+                f"{d['cpu_ms_per_request_16_clients']}; the in-process pipeline per image: "
+                f"{d['pipeline_cpu_ms_per_image']}"]
     for p in s["peers_not_measured"]:
         out.append(f"{p['layout']}: not measured ({p['not_measured']})")
     b = s["best_16_clients"]

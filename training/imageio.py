@@ -179,7 +179,7 @@ def decode_image(
                 img.draft("RGB", (int(w / scale), int(h / scale)))
             img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when upright
             return to_rgb(img)
     except ImageError:
         raise

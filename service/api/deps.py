@@ -40,7 +40,10 @@ class Services:
     controller: ControllerClient
 
 
-def get_services(request: Request) -> Services:
+# The dependencies here are `async def` although they never await: FastAPI runs a plain `def`
+# dependency in its thread pool, a thread hop per dependency per request (five on a predict),
+# which cost the API replicas ~2 ms of CPU per request (py-spy, benchmarks/serving.py).
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -50,7 +53,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 def _part(name: str) -> Callable[[Services], Any]:
     """A dependency that gives one field of the app's `Services`."""
-    def get(s: ServicesDep) -> Any:
+    async def get(s: ServicesDep) -> Any:
         return getattr(s, name)
     return get
 
@@ -80,13 +83,13 @@ def _predict_token(s: Services) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
-def require_api_token(credentials: BearerCredentials, s: ServicesDep) -> None:
+async def require_api_token(credentials: BearerCredentials, s: ServicesDep) -> None:
     """Every /v1 endpoint but predict: the API token (401 without it, 403 for the predict
     token)."""
     authorize(_token(credentials), s.api_token, _predict_token(s), "api")
 
 
-def require_predict_token(credentials: BearerCredentials, s: ServicesDep) -> None:
+async def require_predict_token(credentials: BearerCredentials, s: ServicesDep) -> None:
     """Predict: open unless a predict token is configured; then it or the API token."""
     authorize(_token(credentials), s.api_token, _predict_token(s), "predict")
 

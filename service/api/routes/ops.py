@@ -119,7 +119,7 @@ class OpsCache:
         return merge_exposition(texts) + generate_latest(metrics.shared)
 
 
-def get_ops_cache(request: Request, services: ServicesDep) -> OpsCache:
+async def get_ops_cache(request: Request, services: ServicesDep) -> OpsCache:
     """This app's OpsCache, made on first use (no await in between: one per app)."""
     cache: OpsCache | None = getattr(request.app.state, "ops_cache", None)
     if cache is None:
