@@ -52,6 +52,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -214,7 +215,9 @@ UP_CHILD = "VISIONLOOP_UP_CHILD"
 
 def cmd_up(args: argparse.Namespace) -> int:
     if os.environ.get(UP_CHILD) != "1":
-        _read(Settings, home=args.home, host=args.host, port=args.port)  # bad settings: here
+        # bad settings, or a port another service holds: said here, in one line
+        checked = _read(Settings, home=args.home, host=args.host, port=args.port)
+        _check_port_free(checked.host, checked.port)
         return _supervise(args)
     import ray.serve  # noqa: F401  (first: importing it sets its logger to INFO, lowered below)
 
@@ -269,6 +272,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop_service()
     print(f"stopped ({time.monotonic() - started:.1f} s)", flush=True)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """CliError when nothing could listen on host:port now (another `visionloop up`, or any
+    other server, holds it). Without this, Serve finds out after the cluster has started: the
+    front end fails to bind, and the log ends in tracebacks. SO_REUSEADDR, as servers set it, so
+    a port left in TIME_WAIT by a service that just stopped is not taken for a busy one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CliError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} (another `visionloop "
+                f"up` or another server has it?); choose a port with --port or "
+                f"VISIONLOOP_PORT") from None
 
 
 # How long `visionloop up` waits for its front end to answer /healthz after `serve.run`.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from service.security import (
     token_path,
 )
 from service.settings import load_settings
+from tests.support.waiting import free_port
 
 
 def mode(path: Path) -> int:
@@ -153,10 +155,27 @@ def test_visionloop_up_refuses_in_one_line(tmp_path: Path, capfd: pytest.Capture
     line is read from the file descriptors both write to."""
     monkeypatch.delenv("VISIONLOOP_API_TOKEN", raising=False)
     _write("empty", token_path(tmp_path))
-    assert main(["up", "--home", str(tmp_path), "--port", "1"]) == 1
+    assert main(["up", "--home", str(tmp_path), "--port", str(free_port())]) == 1
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("visionloop: the API token file ")
     assert str(token_path(tmp_path)) in err and "is empty" in err
+
+
+def test_visionloop_up_on_a_busy_port_refuses_in_one_line_before_starting_anything(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Another server listens on the port (a second `visionloop up`, say): one line naming the
+    address and what to do, exit 1, before Ray or the volume is touched."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["up", "--home", str(tmp_path / "home"), "--host", "127.0.0.1",
+                     "--port", str(port)]) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"visionloop: cannot listen on 127.0.0.1:{port}: "), err
+    assert "--port" in err and "VISIONLOOP_PORT" in err
+    assert not (tmp_path / "home").exists()  # nothing made on the volume
 
 
 def test_a_configured_token_skips_a_bad_file(tmp_path: Path) -> None:
