@@ -268,8 +268,8 @@ SOURCES: list[tuple[str, str, Callable[[dict[str, Any]], list[Row]]]] = [
     ("web", "python -m benchmarks.web", web_rows),
 ]
 # rendered only when their benchmark exists (retrain) or when they were run (the Python proxy
-# on its own: it is `visionloop up`'s default front end, measured by `benchmarks.serving`'s
-# defaults and layouts; `make bench` runs HAProxy as the other front end)
+# on its own: `benchmarks.serving`'s own layouts already run on it, and `make bench` runs
+# HAProxy, the front end of `visionloop up`, as the other front end)
 OPTIONAL = {"retrain", "serving-python-proxy"}
 
 

@@ -7,8 +7,9 @@ Ray cluster), then the README's performance table: `make bench`, or
                                    up`'s defaults (cold start, memory), the peers, other
                                    layouts on the default front end, hot reload
     benchmarks.serving --front-end haproxy
-                                   the layouts again on Serve's HAProxy front end (opt-in
-                                   for `visionloop up`, on in compose)
+                                   the layouts again on Serve's HAProxy front end (the
+                                   front end of `visionloop up` and compose; the main run's
+                                   layouts use the Python proxy)
     benchmarks.training            Ray Train against the plain PyTorch loop, feature cache
     benchmarks.retrain             POST /v1/train to the new version answering, by stage
     benchmarks.predict_dir         batch prediction (Ray Data) against the served path

@@ -31,8 +31,9 @@ Ratios: vs_in_process = served images/s / the in-process limit's; vs_best_peer =
 the best peer's at the same clients; added_p50_ms = served p50 at 1 client - the fastest
 in-process batch-1 p50. The summary holds the three goals of issue 17 for the defaults at 16
 clients (>= 0.8 x in-process, >= 2 x the best peer, added p50 <= 5 ms).
-Sections 4 and 5 run on the front end the service's Serve environment picks by default
-(`service.app.serve_environment`), named in each row. `--front-end python-proxy` or `haproxy`
+Sections 4 and 5 run on the front end the service's Serve environment picks for a cluster
+that is not `visionloop up`'s (`service.app.serve_environment`: the Python proxy), named in
+each row; `visionloop up` itself (section 2) starts HAProxy. `--front-end python-proxy` or `haproxy`
 runs sections 1, 4 and 5 only, on that front end (results/serving-<front-end>.json): the other
 front end, for comparison; the defaults, cold start, memory and peers are in serving.json.
 """
@@ -63,6 +64,7 @@ from ray import serve
 from benchmarks.common import percentiles, photo_jpegs, write_results
 from benchmarks.pipeline import best_layout, export_model, latency_batch1, pipeline_throughput
 from service.app import serve_environment
+from service.cli import stop_serve
 from tests.support.load import Hammer
 from tests.support.processes import descendants
 from tests.support.service import start_service
@@ -195,14 +197,6 @@ async def _noop_readyz() -> dict[str, str]:
 @serve.ingress(noop_app)
 class NoopIngress:
     pass
-
-
-def stop() -> None:
-    """Stop Serve and wait until its controller is gone (a `serve.start` while the old
-    controller is still being killed joins it, and dies with it); Ray stays up."""
-    from service.cli import stop_serve
-
-    stop_serve()
 
 
 def hot_reload(url: str, home: Path, jpegs: list[bytes]) -> dict[str, Any]:
@@ -622,7 +616,7 @@ def run_layouts(args: argparse.Namespace, cpus: int, jpegs: list[bytes], tmp: Pa
                     and "reload" not in results:
                 results["reload"] = hot_reload(url, home, jpegs)
                 print("reload", results["reload"], flush=True)
-            stop()
+            stop_serve()
     finally:
         ray.shutdown()
     return rows
